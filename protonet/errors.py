@@ -1,0 +1,63 @@
+"""Every error protonet raises on purpose derives from ProtonetError.
+
+The CLI prints these as one readable message (no traceback); each names where the
+problem is (file, line:column, layer, field) and what was expected there.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class ProtonetError(Exception):
+    """Base of all deliberate protonet errors."""
+
+
+class ParseError(ProtonetError):
+    """A text or binary file could not be read as the expected message."""
+
+    def __init__(self, message: str, path: str | None = None,
+                 line: int | None = None, column: int | None = None):
+        self.path, self.line, self.column = path, line, column
+        where = path or "<string>"
+        if line is not None:
+            where += f":{line}"
+            if column is not None:
+                where += f":{column}"
+        super().__init__(f"{where}: {message}")
+
+
+class NetError(ProtonetError):
+    """The net definition is inconsistent (wiring, rules, params)."""
+
+    def __init__(self, message: str, layer: str | None = None,
+                 layer_type: str | None = None):
+        self.layer, self.layer_type = layer, layer_type
+        if layer is not None:
+            kind = f" ({layer_type})" if layer_type else ""
+            message = f"layer '{layer}'{kind}: {message}"
+        super().__init__(message)
+
+
+class ShapeError(NetError):
+    """Blob shapes do not fit a layer's expectations."""
+
+
+class WeightsError(ProtonetError):
+    """Weights from a file do not fit the net they are copied into."""
+
+
+class SolverError(ProtonetError):
+    """The solver definition or state is invalid."""
+
+
+class DataError(ProtonetError):
+    """A dataset (LMDB, HDF5, image list) is missing or malformed."""
+
+
+def closest(name: str, choices: Iterable[str], n: int = 3) -> str:
+    """A ' (did you mean ...?)' hint, or '' when nothing is close."""
+    matches = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.6)
+    if not matches:
+        return ""
+    return " (did you mean " + " or ".join(f"'{m}'" for m in matches) + "?)"

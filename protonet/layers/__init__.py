@@ -1,0 +1,11 @@
+"""Layer implementations, one module per family, all behind the type registry."""
+from .base import Layer
+from .registry import layer_class, register, registered_types
+
+# Importing a family module registers its layer types.
+from . import (  # noqa: F401,E402
+    classification, conv, inner_product, input, loss, lrn, neuron, normalization,
+    pooling, python_layer, recurrent, structure,
+)
+
+__all__ = ["Layer", "layer_class", "register", "registered_types"]

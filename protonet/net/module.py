@@ -1,0 +1,355 @@
+"""NetModule: a Caffe NetParameter turned into a torch.nn.Module.
+
+Building follows Caffe's Net::Init: filter by NetState, insert splits, create each
+layer from the registry, wire bottoms/tops (in-place layers reuse their bottom's
+blob), run shape inference, attach params (with sharing by ParamSpec name), and work
+out which blobs need a gradient. The result is a flat execution plan over integer
+blob ids, so a forward pass does no graph walking and no name lookups.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import NetError, ShapeError
+from ..layers import layer_class
+from ..layers.base import Layer, Shape
+from ..proto import caffe_pb2
+from .splits import insert_splits
+from .state import filter_net
+
+PERMISSIVE = caffe_pb2.ParamSpec.PERMISSIVE
+
+
+@dataclass
+class Step:
+    """One layer in execution order, wired by blob ids."""
+    layer: int
+    bottoms: tuple[int, ...]
+    tops: tuple[int, ...]
+    detach: tuple[bool, ...]          # bottom gets no gradient (Caffe's bottom_need_backward)
+    losses: tuple[tuple[int, float], ...] = ()  # (top position, loss weight) pairs
+    is_input: bool = False
+
+
+@dataclass
+class LearnableParam:
+    """A param the solver updates, with Caffe's multipliers (owners only when shared)."""
+    param: nn.Parameter
+    lr_mult: float
+    decay_mult: float
+    layer: str
+    index: int
+    name: str = ""
+    has_lr: bool = False
+    has_decay: bool = False
+    users: list = field(default_factory=list)   # (layer, index) of every sharer
+
+
+class NetModule(nn.Module):
+    """The executable net. `forward` maps input tensors to every blob's tensor."""
+
+    def __init__(self, net_param: caffe_pb2.NetParameter, phase: int | None = None,
+                 level: int | None = None, stages: Iterable[str] | None = None):
+        super().__init__()
+        param = caffe_pb2.NetParameter()
+        param.CopyFrom(net_param)
+        if phase is not None:
+            param.state.phase = phase
+        if level is not None:
+            param.state.level = level
+        if stages is not None:
+            del param.state.stage[:]
+            param.state.stage.extend(stages)
+        self.phase = param.state.phase
+        self.name = param.name
+        self.net_param = insert_splits(filter_net(param))
+        self.debug_info = self.net_param.debug_info
+        self.layers = nn.ModuleList()
+        self.layer_names: list[str] = []
+        self.blob_names: list[str] = []
+        self.blob_shapes: list[Shape] = []
+        self.steps: list[Step] = []
+        self.input_ids: list[int] = []
+        self.learnable: list[LearnableParam] = []
+        self._build()
+
+    # -- building ---------------------------------------------------------------
+    def _build(self) -> None:
+        blob_id: dict[str, int] = {}
+        available: set[str] = set()
+        blob_need_backward: list[bool] = []
+        layer_need_backward: list[bool] = []
+        bottom_need_backward: list[list[bool]] = []
+        self._param_owner: dict[str, LearnableParam] = {}
+
+        for lp in self.net_param.layer:
+            if not lp.HasField("phase"):
+                lp.phase = self.phase
+            if lp.propagate_down and len(lp.propagate_down) != len(lp.bottom):
+                raise NetError(f"propagate_down has {len(lp.propagate_down)} entries; it "
+                               f"must have none or one per bottom ({len(lp.bottom)})",
+                               lp.name, lp.type)
+            if lp.name in self.layer_names:
+                raise NetError("duplicate layer name", lp.name, lp.type)
+            layer = layer_class(lp.type, lp.name)(lp, self.phase)
+            need_backward = False
+            bottoms, bneed = [], []
+            for j, name in enumerate(lp.bottom):
+                if name not in available:
+                    known = "" if name not in blob_id else (
+                        " (it was consumed in place by an earlier layer or is not yet made)")
+                    raise NetError(f"unknown bottom blob '{name}' (bottom index {j}){known}",
+                                   lp.name, lp.type)
+                bid = blob_id[name]
+                bottoms.append(bid)
+                available.discard(name)
+                need = lp.propagate_down[j] if lp.propagate_down else blob_need_backward[bid]
+                bneed.append(bool(need))
+                need_backward |= blob_need_backward[bid]
+            tops = []
+            top_names = list(lp.top)
+            if layer.is_loss:
+                needed = max(layer.min_tops or 0, layer.exact_tops or 0)
+                while len(top_names) < needed:
+                    top_names.append(None)
+            layer.num_tops = len(top_names)
+            for j, name in enumerate(top_names):
+                if name is None:                      # Caffe's "(automatic)" top
+                    name = "(automatic)" if "(automatic)" not in blob_id else \
+                        f"(automatic){len(self.blob_names)}"
+                    tops.append(self._new_blob(name, blob_id, blob_need_backward))
+                    continue
+                if j < len(lp.bottom) and lp.bottom[j] == name:
+                    tops.append(blob_id[name])        # in-place
+                elif name in blob_id:
+                    raise NetError(f"top blob '{name}' is produced by more than one "
+                                   "layer", lp.name, lp.type)
+                else:
+                    tops.append(self._new_blob(name, blob_id, blob_need_backward))
+                available.add(name)
+            layer.check_blob_counts(len(bottoms), len(tops))
+            bottom_shapes = [self.blob_shapes[b] for b in bottoms]
+            self._setup_layer(layer, bottom_shapes, tops)
+            losses = self._loss_weights(layer, lp, len(tops))
+            layer_index = len(self.layers)
+            self.layers.append(layer)
+            self.layer_names.append(lp.name)
+            need_backward |= self._attach_params(layer, lp)
+            layer_need_backward.append(need_backward)
+            if need_backward:
+                for t in tops:
+                    blob_need_backward[t] = True
+            bottom_need_backward.append(bneed)
+            is_input = lp.type == "Input"
+            if is_input:
+                self.input_ids.extend(tops)
+            self.steps.append(Step(layer_index, tuple(bottoms), tuple(tops), (), losses,
+                                   is_input))
+
+        self._prune_backward(layer_need_backward, bottom_need_backward)
+        if self.net_param.force_backward:
+            for i, step in enumerate(self.steps):
+                layer_need_backward[i] = True
+                layer = self.layers[step.layer]
+                for j, bid in enumerate(step.bottoms):
+                    bottom_need_backward[i][j] |= layer.allow_force_backward(j)
+                    blob_need_backward[bid] |= bottom_need_backward[i][j]
+                for p in layer.blobs:
+                    p.requires_grad_(True)
+        for i, step in enumerate(self.steps):
+            step.detach = tuple(not n for n in bottom_need_backward[i])
+        self.layer_need_backward = layer_need_backward
+        self.blob_need_backward = blob_need_backward
+        self.output_ids = [blob_id[n] for n in sorted(available)]
+        self.blob_index = blob_id
+
+    def _new_blob(self, name: str, blob_id: dict[str, int],
+                  need: list[bool]) -> int:
+        blob_id[name] = len(self.blob_names)
+        self.blob_names.append(name)
+        self.blob_shapes.append(())
+        need.append(False)
+        return blob_id[name]
+
+    def _setup_layer(self, layer: Layer, bottom_shapes: Sequence[Shape],
+                     tops: Sequence[int]) -> None:
+        try:
+            layer.setup(bottom_shapes)
+            top_shapes = layer.reshape(bottom_shapes)
+        except (NetError, ShapeError):
+            raise
+        except (ValueError, IndexError, RuntimeError, ZeroDivisionError) as e:
+            shapes = ", ".join(str(list(s)) for s in bottom_shapes) or "none"
+            raise ShapeError(f"cannot set up with bottom shapes {shapes}: {e}",
+                             layer.layer_name, layer.type) from None
+        if len(top_shapes) != len(tops):
+            raise ShapeError(f"produced {len(top_shapes)} top shape(s) for {len(tops)} top(s)",
+                             layer.layer_name, layer.type)
+        for t, shape in zip(tops, top_shapes):
+            if any(d < 0 for d in shape):
+                raise ShapeError(f"top '{self.blob_names[t]}' would have negative shape "
+                                 f"{list(shape)} (bottoms: "
+                                 f"{[list(s) for s in bottom_shapes]})",
+                                 layer.layer_name, layer.type)
+            self.blob_shapes[t] = tuple(int(d) for d in shape)
+
+    @staticmethod
+    def _loss_weights(layer: Layer, lp, num_tops: int) -> tuple[tuple[int, float], ...]:
+        weights = list(lp.loss_weight)
+        if not weights and layer.is_loss:
+            weights = [1.0]
+        if lp.loss_weight and len(weights) != num_tops:
+            raise NetError(f"loss_weight must be given for every top or none "
+                           f"({len(weights)} for {num_tops} tops)", lp.name, lp.type)
+        return tuple((j, float(w)) for j, w in enumerate(weights) if w != 0 and j < num_tops)
+
+    def _attach_params(self, layer: Layer, lp) -> bool:
+        """Apply ParamSpecs (multipliers, sharing); True if any param needs a gradient."""
+        if len(lp.param) > len(layer.blobs):
+            raise NetError(f"{len(lp.param)} param specs for {len(layer.blobs)} param blobs",
+                           lp.name, lp.type)
+        default = caffe_pb2.ParamSpec()
+        need = False
+        for i in range(len(layer.blobs)):
+            spec = lp.param[i] if i < len(lp.param) else default
+            blob = layer.blobs[i]
+            need |= spec.lr_mult != 0
+            owner = self._param_owner.get(spec.name) if spec.name else None
+            if owner is None:
+                entry = LearnableParam(blob, spec.lr_mult, spec.decay_mult, lp.name, i,
+                                       spec.name, spec.HasField("lr_mult"),
+                                       spec.HasField("decay_mult"), [(lp.name, i)])
+                self.learnable.append(entry)
+                if spec.name:
+                    self._param_owner[spec.name] = entry
+                blob.requires_grad_(spec.lr_mult != 0)
+                continue
+            self._share(layer, lp, i, spec, owner)
+        return need
+
+    def _share(self, layer: Layer, lp, i: int, spec, owner: LearnableParam) -> None:
+        mine, theirs = layer.blobs[i], owner.param
+        if spec.share_mode == PERMISSIVE:
+            if mine.numel() != theirs.numel():
+                raise NetError(f"cannot share param '{spec.name}' owned by layer "
+                               f"'{owner.layer}': count mismatch (owner shape "
+                               f"{list(theirs.shape)}, this layer {list(mine.shape)})",
+                               lp.name, lp.type)
+        elif mine.shape != theirs.shape:
+            raise NetError(f"cannot share param '{spec.name}' owned by layer '{owner.layer}': "
+                           f"shape mismatch (owner {list(theirs.shape)}, this layer "
+                           f"{list(mine.shape)}); use share_mode: PERMISSIVE to share by count",
+                           lp.name, lp.type)
+        if spec.HasField("lr_mult"):
+            if owner.has_lr and spec.lr_mult != owner.lr_mult:
+                raise NetError(f"shared param '{spec.name}' has lr_mult {spec.lr_mult}, "
+                               f"its owner '{owner.layer}' {owner.lr_mult}", lp.name, lp.type)
+            owner.has_lr, owner.lr_mult = True, spec.lr_mult
+        if spec.HasField("decay_mult"):
+            if owner.has_decay and spec.decay_mult != owner.decay_mult:
+                raise NetError(f"shared param '{spec.name}' has decay_mult {spec.decay_mult}, "
+                               f"its owner '{owner.layer}' {owner.decay_mult}",
+                               lp.name, lp.type)
+            owner.has_decay, owner.decay_mult = True, spec.decay_mult
+        if mine.shape == theirs.shape:
+            layer.blobs[i] = theirs
+        else:  # PERMISSIVE: same memory, this layer's shape
+            layer.blobs[i] = theirs    # replaced below by a view at forward time
+            layer.shared_views = getattr(layer, "shared_views", {})
+            layer.shared_views[i] = tuple(mine.shape)
+        owner.users.append((lp.name, i))
+        theirs.requires_grad_(owner.lr_mult != 0 or theirs.requires_grad)
+
+    def _prune_backward(self, layer_need: list[bool], bottom_need: list[list[bool]]) -> None:
+        """Caffe's pass from the top: layers that feed no loss need no backward."""
+        under_loss: set[str] = set()
+        skip: set[str] = set()
+        for i in range(len(self.steps) - 1, -1, -1):
+            step = self.steps[i]
+            contributes, skip_down = False, True
+            for j, t in enumerate(step.tops):
+                name = self.blob_names[t]
+                if any(pos == j for pos, _ in step.losses) or name in under_loss:
+                    contributes = True
+                if name not in skip:
+                    skip_down = False
+                if contributes and not skip_down:
+                    break
+            if layer_need[i] and skip_down:
+                layer_need[i] = False
+                bottom_need[i] = [False] * len(bottom_need[i])
+            if not contributes:
+                layer_need[i] = False
+            for j, b in enumerate(step.bottoms):
+                name = self.blob_names[b]
+                if contributes:
+                    under_loss.add(name)
+                else:
+                    bottom_need[i][j] = False
+                if not bottom_need[i][j]:
+                    skip.add(name)
+
+    # -- running ----------------------------------------------------------------
+    @property
+    def input_names(self) -> list[str]:
+        return [self.blob_names[i] for i in self.input_ids]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [self.blob_names[i] for i in self.output_ids]
+
+    def forward(self, inputs: Mapping[str, torch.Tensor] | None = None, start: int = 0,
+                end: int | None = None, values: list | None = None):
+        """Run layers start..end (inclusive). Returns (blob values by id, loss).
+
+        `values` carries blobs from an earlier partial pass (pycaffe's start=...).
+        """
+        if values is None:
+            values = [None] * len(self.blob_names)
+        if inputs:
+            for name, tensor in inputs.items():
+                values[self.blob_index[name]] = tensor
+        end = len(self.steps) - 1 if end is None else end
+        loss = None
+        layers = self.layers
+        for step in self.steps[start:end + 1]:
+            if step.is_input:
+                for t in step.tops:
+                    if values[t] is None:
+                        raise NetError(f"input blob '{self.blob_names[t]}' was not given",
+                                       self.layer_names[step.layer], "Input")
+                continue
+            bottoms = [values[b].detach() if d else values[b]
+                       for b, d in zip(step.bottoms, step.detach)]
+            out = layers[step.layer](*bottoms)
+            if isinstance(out, torch.Tensor):
+                out = (out,)
+            for t, v in zip(step.tops, out):
+                values[t] = v
+            for pos, weight in step.losses:
+                term = out[pos].sum() * weight
+                loss = term if loss is None else loss + term
+        return values, loss
+
+    def infer_shapes(self, input_shapes: Mapping[str, Sequence[int]]) -> None:
+        """Re-run shape inference for new input shapes (pycaffe's net.reshape())."""
+        shapes = list(self.blob_shapes)
+        for name, shape in input_shapes.items():
+            shapes[self.blob_index[name]] = tuple(int(d) for d in shape)
+        for step in self.steps:
+            if step.is_input:
+                continue
+            layer = self.layers[step.layer]
+            bottom = [shapes[b] for b in step.bottoms]
+            try:
+                tops = layer.reshape(bottom)
+            except (ValueError, IndexError, RuntimeError, ZeroDivisionError) as e:
+                raise ShapeError(f"cannot reshape for bottoms {[list(s) for s in bottom]}: "
+                                 f"{e}", layer.layer_name, layer.type) from None
+            for t, s in zip(step.tops, tops):
+                shapes[t] = tuple(int(d) for d in s)
+        self.blob_shapes = shapes
