@@ -165,18 +165,28 @@ class Net:
             param = network_file
         else:
             param = read_net(str(network_file))
-        self.module = NetModule(param, phase=phase, level=level, stages=list(stages))
-        self.device = torch.device(device)
-        self.module.to(self.device)
+        module = NetModule(param, phase=phase, level=level, stages=list(stages))
+        self._attach(module.to(device), torch.device(device))
+        if weights:
+            for path in ([weights] if isinstance(weights, str) else weights):
+                self.copy_from(path)
+
+    @classmethod
+    def from_module(cls, module: NetModule, device: str | torch.device = "cpu") -> "Net":
+        """A pycaffe view on an existing NetModule (e.g. a solver's train net)."""
+        net = cls.__new__(cls)
+        net._attach(module, torch.device(device))
+        return net
+
+    def _attach(self, module: NetModule, device: torch.device) -> None:
+        self.module = module
+        self.device = device
         self._values: list[torch.Tensor | None] = [None] * len(self.module.blob_names)
         self._diffs: list[torch.Tensor | None] = [None] * len(self.module.blob_names)
         self._loss: torch.Tensor | None = None
         self._leaves: dict[int, torch.Tensor] = {}
         for i in self.module.input_ids:
             self._set_blob(i, torch.zeros(self.module.blob_shapes[i], device=self.device))
-        if weights:
-            for path in ([weights] if isinstance(weights, str) else weights):
-                self.copy_from(path)
 
     # -- pycaffe attributes ------------------------------------------------------
     @property
@@ -232,7 +242,7 @@ class Net:
             self.blobs[name].data = value
         first = self._layer_index(start) if start is not None else 0
         last = self._layer_index(end) if end is not None else len(self.module.layers) - 1
-        need_grad = any(self.module.layer_need_backward)
+        need_grad = torch.is_grad_enabled() and any(self.module.layer_need_backward)
         if first == 0:
             self._values = [self._values[i] if i in self.module.input_ids else None
                             for i in range(len(self._values))]
@@ -284,11 +294,9 @@ class Net:
                                          device=self.device).reshape(self._values[top].shape)
         pairs = [(self._values[t], g) for t, g in seeds.items()
                  if self._values[t] is not None and self._values[t].requires_grad]
-        if not pairs:
-            raise NetError("nothing to back-propagate: no loss or given top diff depends "
-                           "on a param or an input that needs a gradient (force_backward?)")
         self._track_grads()
-        torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        if pairs:   # as in Caffe, a net where no layer needs backward computes nothing
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
         self._collect_diffs()
         names = list(self.inputs) + list(diffs or [])
         return {n: self.blobs[n].diff.copy() for n in names}

@@ -489,7 +489,8 @@ def upgrade_solver(solver: caffe_pb2.SolverParameter,
                           "this, keep only type")
     solver.type = SOLVER_TYPES[old]
     solver.ClearField("solver_type")
-    _warn(source, f"replaced 'solver_type: {old}' by 'type: \"{solver.type}\"'")
+    _warn(source, f"replaced 'solver_type: {old}' by 'type: \"{solver.type}\"'",
+          stacklevel=3)
     return solver
 
 
@@ -533,6 +534,7 @@ def _assign(message, dotted: str, value) -> None:
         setattr(message, name, value)
 
 
-def _warn(source: str, what: str) -> None:
+def _warn(source: str, what: str, stacklevel: int = 4) -> None:
+    """Tell the caller of the public function which upgrade `source` needed."""
     warnings.warn(f"{source}: {what}; the file uses a format Caffe deprecated",
-                  stacklevel=3)
+                  stacklevel=stacklevel)

@@ -33,6 +33,7 @@ class Step:
     detach: tuple[bool, ...]          # bottom gets no gradient (Caffe's bottom_need_backward)
     losses: tuple[tuple[int, float], ...] = ()  # (top position, loss weight) pairs
     is_input: bool = False
+    no_grad: bool = False             # Caffe skips this layer in Backward
 
 
 @dataclass
@@ -160,8 +161,11 @@ class NetModule(nn.Module):
                     blob_need_backward[bid] |= bottom_need_backward[i][j]
                 for p in layer.blobs:
                     p.requires_grad_(True)
+        # Exactly Caffe's gradient flow: a bottom Caffe does not back-propagate to is
+        # detached, and a layer Caffe skips in Backward runs without autograd.
         for i, step in enumerate(self.steps):
             step.detach = tuple(not n for n in bottom_need_backward[i])
+            step.no_grad = not layer_need_backward[i]
         self.layer_need_backward = layer_need_backward
         self.blob_need_backward = blob_need_backward
         self.output_ids = [blob_id[n] for n in sorted(available)]
@@ -325,7 +329,11 @@ class NetModule(nn.Module):
                 continue
             bottoms = [values[b].detach() if d else values[b]
                        for b, d in zip(step.bottoms, step.detach)]
-            out = layers[step.layer](*bottoms)
+            if step.no_grad and torch.is_grad_enabled():
+                with torch.no_grad():
+                    out = layers[step.layer](*bottoms)
+            else:
+                out = layers[step.layer](*bottoms)
             if isinstance(out, torch.Tensor):
                 out = (out,)
             for t, v in zip(step.tops, out):

@@ -1,0 +1,69 @@
+"""The `protonet` command: one subcommand per module in protonet.commands.
+
+Each command module defines `register(subparsers)` which adds its parser and sets
+`func`. Errors protonet raises on purpose print as one line (no traceback), exit 1.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import warnings
+
+from .errors import ProtonetError
+
+# Subcommand modules, in the order `protonet --help` lists them.
+COMMANDS = ["train", "test", "time", "device_query", "upgrade", "data_tools", "zoo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="protonet",
+        description="Run Caffe models (prototxt, caffemodel, LMDB/HDF5) on PyTorch.")
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f".commands.{name}", __package__)
+        except ModuleNotFoundError as e:
+            if e.name == f"{__package__}.commands.{name}":
+                continue        # a command not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+    return f"protonet {__version__}"
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(levelname).1s%(asctime)s.%(msecs)03d %(message)s",
+                        datefmt="%m%d %H:%M:%S", stream=sys.stderr)
+    warnings.simplefilter("default")
+    logging.captureWarnings(True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    _setup_logging(args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    except ProtonetError as e:
+        print(f"protonet {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"protonet {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the `protonet` CLI, one module each (see protonet.cli)."""
