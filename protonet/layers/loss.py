@@ -35,6 +35,7 @@ def loss_normalizer(mode: int, valid_count: torch.Tensor, outer: int,
 
 
 def _count(shape, start: int = 0, end: int | None = None) -> int:
+    """Caffe's Blob::count(start, end) for a shape."""
     return int(np.prod(shape[start:end], dtype=np.int64))
 
 
@@ -60,6 +61,12 @@ class _Loss(Layer):
             raise self.shape_error(f"data {list(data)} and label {list(label)} must have "
                                    "the same first dimension")
         return [()]
+
+    def legacy_dims(self, shape, what: str) -> tuple[int, ...]:
+        """Caffe's (num, channels, height, width) view of a blob of at most 4 axes."""
+        if len(shape) > 4:
+            raise self.shape_error(f"{what} {list(shape)} has more than 4 axes")
+        return tuple(shape) + (1,) * (4 - len(shape))
 
     def ignore_label(self) -> int | None:
         loss_param = self.param.loss_param
@@ -195,7 +202,7 @@ class InfogainLoss(_ClassAxisLoss):
     def read_infogain(self) -> torch.Tensor:
         source = self.param.infogain_loss_param.source
         if not source:
-            raise self.error("needs infogain_param.source (a BlobProto file) "
+            raise self.error("needs infogain_loss_param.source (a BlobProto file) "
                              "or the matrix H as a third bottom")
         try:
             blob = read_binary(source, caffe_pb2.BlobProto())
@@ -330,10 +337,9 @@ class MultinomialLogisticLoss(_Loss):
 
     def reshape(self, bottom_shapes):
         tops = super().reshape(bottom_shapes)
-        label = bottom_shapes[1]
-        if len(label) > 4 or any(d != 1 for d in label[1:]):
+        if self.legacy_dims(bottom_shapes[1], "label")[1:] != (1, 1, 1):
             raise self.shape_error(f"label must be shaped (N,) or (N, 1, 1, 1), "
-                                   f"got {list(label)}")
+                                   f"got {list(bottom_shapes[1])}")
         return tops
 
     def forward(self, prob, label):
@@ -384,14 +390,16 @@ class ContrastiveLoss(_Loss):
 
     def reshape(self, bottom_shapes):
         tops = super().reshape(bottom_shapes)
-        a, b, similar = bottom_shapes
-        if len(a) < 2 or a[1] != b[1] or any(d != 1 for d in a[2:] + b[2:]):
-            raise self.shape_error(f"features {list(a)} and {list(b)} must both be "
-                                   "(N, C) or (N, C, 1, 1) with the same C")
-        if _count(similar) != a[0] or any(d != 1 for d in similar[1:]):
+        a, b, similar = (self.legacy_dims(shape, what) for shape, what in
+                         zip(bottom_shapes, ("features", "features", "similarity labels")))
+        if a[1] != b[1] or a[2:] != (1, 1) or b[2:] != (1, 1):
+            raise self.shape_error(f"features {list(bottom_shapes[0])} and "
+                                   f"{list(bottom_shapes[1])} must both be (N, C) or "
+                                   "(N, C, 1, 1) with the same C")
+        if similar != (a[0], 1, 1, 1):
             raise self.shape_error(f"needs one similarity label per pair, shaped (N,) or "
-                                   f"(N, 1, 1, 1): got {list(similar)} for features "
-                                   f"{list(a)}")
+                                   f"(N, 1, 1, 1): got {list(bottom_shapes[2])} for "
+                                   f"features {list(bottom_shapes[0])}")
         return tops
 
     def forward(self, a, b, similar):

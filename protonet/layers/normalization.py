@@ -7,8 +7,6 @@ because Caffe's backward omits a term of the true derivative (the one eps brings
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..proto import caffe_pb2
@@ -49,9 +47,10 @@ class BatchNorm(Layer):
                                  "param spec)")
 
     def _channels(self, shape: Shape) -> int:
-        if len(shape) == 0:
-            raise self.shape_error("needs a bottom with at least 1 axis")
-        return 1 if len(shape) == 1 else shape[1]
+        if len(shape) < 2:
+            raise self.shape_error(f"needs a bottom with at least 2 axes (channels on "
+                                   f"axis 1), got {list(shape)}")
+        return shape[1]
 
     def reshape(self, bottom_shapes):
         channels = self._channels(bottom_shapes[0])
@@ -61,17 +60,14 @@ class BatchNorm(Layer):
         return [tuple(bottom_shapes[0])]
 
     def forward(self, x):
-        channel_view = (1, self.channels) + (1,) * max(x.dim() - 2, 0)
-        if x.dim() == 1:
-            channel_view = (1,)
+        view = (1, self.channels) + (1,) * (x.dim() - 2)
         if self.use_global_stats:
             mean, var = self._stored_statistics()
         else:
-            mean, var = self._batch_statistics(x, channel_view)
+            mean, var = self._batch_statistics(x, view)
             self._update_running_statistics(mean, var, x.numel() // self.channels)
-        mean = mean.reshape(channel_view)
-        std = torch.sqrt(var + self.param.batch_norm_param.eps).reshape(channel_view)
-        return (x - mean) / std
+        std = torch.sqrt(var + self.param.batch_norm_param.eps)
+        return (x - mean.reshape(view)) / std.reshape(view)
 
     def _stored_statistics(self):
         mean_sum, var_sum, factor = (b.detach() for b in self.blobs)
@@ -79,10 +75,11 @@ class BatchNorm(Layer):
         return mean_sum * scale, var_sum * scale
 
     @staticmethod
-    def _batch_statistics(x, channel_view):
-        axes = [a for a in range(x.dim()) if a != 1] if x.dim() > 1 else [0]
+    def _batch_statistics(x, view):
+        """Per-channel mean and (biased) variance over every axis but 1."""
+        axes = [a for a in range(x.dim()) if a != 1]
         mean = x.mean(dim=axes)
-        centered = x - mean.reshape(channel_view)
+        centered = x - mean.reshape(view)
         return mean, (centered * centered).mean(dim=axes)
 
     def _update_running_statistics(self, mean, var, m: int):

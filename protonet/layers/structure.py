@@ -1,10 +1,10 @@
 """Layers that move, combine or reduce blobs without learned params.
 
-Most of these are plain tensor views or gathers whose autograd gradient is exactly
-Caffe's hand-written backward. Two are not: Eltwise PROD (Caffe divides the top by
-the bottom, or multiplies the other bottoms, in a fixed order) and Eltwise MAX (Caffe
-routes the gradient to the one bottom its forward pass picked); those carry their own
-backward. Layers whose second bottom is an index or selector never send it a gradient.
+Most are tensor views, concatenations or gathers whose autograd gradient is exactly
+Caffe's hand-written backward. Eltwise PROD is not (Caffe multiplies the other bottoms
+in order, or divides the top by the bottom), so it carries its own backward; Eltwise
+MAX gathers the bottom Caffe's forward picks, so the gradient goes to that one only.
+Index and selector bottoms never get a gradient.
 """
 from __future__ import annotations
 
@@ -154,8 +154,9 @@ class _Product(torch.autograd.Function):
 def _max_with_index(bottoms: Sequence[torch.Tensor]) -> torch.Tensor:
     """Index of the bottom Caffe picks per element: bottom 1 wins a tie with bottom 0,
     a later bottom replaces the max only when strictly greater."""
-    index = torch.where(bottoms[0] > bottoms[1], 0, 1)
-    best = torch.maximum(bottoms[0], bottoms[1])
+    first_wins = bottoms[0] > bottoms[1]
+    index = torch.where(first_wins, 0, 1)
+    best = torch.where(first_wins, bottoms[0], bottoms[1])
     for k, bottom in enumerate(bottoms[2:], start=2):
         greater = bottom > best
         index = torch.where(greater, k, index)

@@ -240,7 +240,7 @@ def test_infogain_gradcheck():
 
 
 @pytest.mark.parametrize("setting, message", [
-    ("", "infogain_param.source"),
+    ("", "infogain_loss_param.source"),
     ('infogain_loss_param { source: "/nonexistent/H.binaryproto" }', "file not found"),
     ('infogain_loss_param { source: "BAD" }', "9 entries; 4 classes need 4x4"),
     ('infogain_loss_param { source: "BAD" } loss_param { normalize: true }', "normalize"),
@@ -439,6 +439,8 @@ def test_contrastive_legacy_gradcheck():
      {"x": (2, 3), "label": (2, 4), "s": (2,)}, "with the same C"),
     ('layer { name: "loss" type: "ContrastiveLoss" bottom: "x" bottom: "label" bottom: "s" }',
      {"x": (2, 3), "label": (2, 3), "s": (3,)}, "one similarity label per pair"),
+    ('layer { name: "loss" type: "ContrastiveLoss" bottom: "x" bottom: "label" bottom: "s" }',
+     {"x": (2, 3, 1, 1, 1), "label": (2, 3), "s": (2,)}, "more than 4 axes"),
     ('layer { name: "loss" type: "HingeLoss" bottom: "x" }', {"x": (2, 3)},
      "exactly 2 bottom"),
 ])

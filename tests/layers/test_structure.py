@@ -238,7 +238,8 @@ def test_flatten_errors():
     ("shape { dim: 4 dim: 0 } axis: 1 num_axes: 2", None),   # 0 copies axis 2 -> 4*4 != 12
 ])
 def test_reshape_shapes(param, shape):
-    layer = f'layer {{ name: "L" type: "Reshape" bottom: "x" top: "out" reshape_param {{ {param} }} }}'
+    layer = (f'layer {{ name: "L" type: "Reshape" bottom: "x" top: "out" '
+             f'reshape_param {{ {param} }} }}')
     if shape is None:
         expect_error(layer, {"x": (2, 3, 4)}, "output count must match")
         return

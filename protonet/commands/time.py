@@ -1,0 +1,52 @@
+"""`protonet time`: per-layer forward/backward timings, like `caffe time`."""
+from __future__ import annotations
+
+import logging
+
+from ..device import select_device
+from ..io.upgrade import read_net
+from ..net.module import NetModule
+from ..proto import caffe_pb2
+from ..timing import time_net
+
+log = logging.getLogger("protonet")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("time", help="benchmark a net's forward and backward passes",
+                       description="Time each layer's forward and backward, as caffe time.")
+    p.add_argument("--model", required=True, help="net prototxt")
+    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--gpu", help="GPU id to run on (CPU when absent)")
+    p.add_argument("--phase", choices=["TRAIN", "TEST"], default="TRAIN")
+    p.add_argument("--level", type=int, default=0)
+    p.add_argument("--stage", action="append", default=[],
+                   help="net stage (repeat or comma-separate)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    device = select_device(args.gpu)
+    stages = [s for arg in args.stage for s in arg.split(",") if s]
+    net = read_net(args.model)
+    net.force_backward = True   # caffe time runs every layer's Backward
+    module = NetModule(net, phase=getattr(caffe_pb2, args.phase), level=args.level,
+                       stages=stages).to(device)
+    log.info("*** Benchmark begins ***")
+    log.info("Testing for %d iterations.", args.iterations)
+    t = time_net(module, args.iterations, device,
+                 on_iteration=lambda i, ms: log.info(
+                     "Iteration: %d forward-backward time: %.3f ms.", i, ms))
+    width = max((len(n) for n in t.layer_names), default=10)
+    log.info("Average time per layer: ")
+    for name, f, b in zip(t.layer_names, t.forward_ms, t.backward_ms):
+        log.info("%*s\tforward: %.4f ms.", width, name, f)
+        log.info("%*s\tbackward: %.4f ms.", width, name, b)
+    log.info("Average Forward pass: %.4f ms.", t.forward_total)
+    log.info("Average Backward pass: %.4f ms.", t.backward_total)
+    log.info("Average Forward-Backward: %.4f ms.", sum(t.iteration_ms) / max(len(t.iteration_ms), 1))
+    log.info("Total Time: %.4f ms.", sum(t.iteration_ms))
+    log.info("Whole net, median: forward (inference) %.3f ms, forward+backward %.3f ms.",
+             t.net_forward_ms, t.net_forward_backward_ms)
+    log.info("*** Benchmark ends ***")
+    return 0

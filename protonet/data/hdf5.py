@@ -1,0 +1,200 @@
+"""HDF5Data and HDF5Output: Caffe's generic array reader and writer.
+
+HDF5Data reads the files named in a text list (`source`), one top per dataset of
+the same name, and serves `batch_size` rows per forward in Caffe's order: rows in
+file order (or a shuffled order), files in list order (or shuffled), wrapping from
+the last file to the first and letting a batch span a file boundary. Paths are
+used as written, so relative ones are relative to the current directory, as in
+Caffe. A whole file is held in memory (on the layer's device) while it is read,
+as Caffe does. Shuffling draws from numpy's global generator, which the solver's
+`random_seed` seeds, so shuffled runs repeat.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from ..io.atomic import atomic_call
+from ..layers.base import Layer
+from ..layers.registry import register
+
+
+@register("HDF5Data")
+class HDF5Data(Layer):
+    """Rows of HDF5 datasets as tops (float32), `batch_size` at a time."""
+    exact_bottoms = 0
+    min_tops = 1
+
+    def setup(self, bottom_shapes):
+        p = self.param.hdf5_data_param
+        if self.param.HasField("transform_param"):
+            raise self.error("HDF5Data does not transform data; remove transform_param "
+                             "and store the data already transformed")
+        if p.batch_size <= 0:
+            raise self.error(f"hdf5_data_param.batch_size must be positive, got "
+                             f"{p.batch_size}")
+        self.files = self._read_list(p.source)
+        self.shuffle = p.shuffle
+        self.file_order = self._order(len(self.files))
+        self.file_index = 0
+        self.row_shapes = None
+        self._load(self.files[self.file_order[0]])
+        self.row_shapes = [tuple(t.shape[1:]) for t in self.tensors]
+        self.row = 0
+
+    def reshape(self, bottom_shapes):
+        batch = self.param.hdf5_data_param.batch_size
+        return [(batch,) + shape for shape in self.row_shapes]
+
+    def forward(self):
+        if self.tensors[0].device != self.device:
+            self.tensors = [t.to(self.device) for t in self.tensors]
+        pieces: list[list[torch.Tensor]] = []
+        left = self.param.hdf5_data_param.batch_size
+        while left:
+            take = min(left, self.rows - self.row)
+            pieces.append(self._rows(self.row, take))
+            self.row += take
+            left -= take
+            if self.row == self.rows:
+                self._wrap()
+        tops = [p[0] if len(pieces) == 1 else torch.cat(p) for p in zip(*pieces)]
+        return tops if len(tops) > 1 else tops[0]
+
+    # -- reading ---------------------------------------------------------------
+    def _read_list(self, source: str) -> list[str]:
+        try:
+            with open(source) as f:
+                names = f.read().split()
+        except OSError as e:
+            raise DataError(f"layer '{self.layer_name}' (HDF5Data): cannot read the list "
+                            f"of HDF5 files '{source}' ({e.strerror or e}); relative "
+                            f"paths are relative to the current directory "
+                            f"({os.getcwd()})") from None
+        if not names:
+            raise DataError(f"layer '{self.layer_name}' (HDF5Data): '{source}' lists no "
+                            "HDF5 files")
+        return names
+
+    def _order(self, n: int) -> np.ndarray:
+        return np.random.permutation(n) if self.shuffle else np.arange(n)
+
+    def _load(self, path: str) -> None:
+        """Read every top's dataset from `path` and start a new row order."""
+        arrays = _read_datasets(path, list(self.param.top), self.layer_name)
+        if self.row_shapes is not None:
+            for name, array, shape in zip(self.param.top, arrays, self.row_shapes):
+                if array.shape[1:] != shape:
+                    raise DataError(f"{path}: dataset '{name}' has rows of shape "
+                                    f"{list(array.shape[1:])}, the first file's have "
+                                    f"{list(shape)} (layer '{self.layer_name}')")
+        self.tensors = [torch.from_numpy(a).to(self.device) for a in arrays]
+        self.rows = arrays[0].shape[0]
+        self.row_order = None
+        if self.shuffle:
+            self._shuffle_rows()
+
+    def _shuffle_rows(self) -> None:
+        order = torch.from_numpy(np.random.permutation(self.rows))
+        self.row_order = order.to(self.device)
+
+    def _rows(self, start: int, count: int) -> list[torch.Tensor]:
+        if self.row_order is None:
+            return [t.narrow(0, start, count).clone() for t in self.tensors]
+        index = self.row_order[start:start + count]
+        return [t.index_select(0, index) for t in self.tensors]
+
+    def _wrap(self) -> None:
+        """Past a file's last row: next file (reshuffling at the end of the list)."""
+        if len(self.files) > 1:
+            self.file_index += 1
+            if self.file_index == len(self.files):
+                self.file_index = 0
+                if self.shuffle:
+                    self.file_order = self._order(len(self.files))
+            self._load(self.files[self.file_order[self.file_index]])
+        self.row = 0
+        if self.shuffle:
+            self._shuffle_rows()
+
+
+def _read_datasets(path: str, names: list[str], layer: str) -> list[np.ndarray]:
+    """Each named dataset of `path` as float32, checked for rows and type."""
+    import h5py
+    where = f"layer '{layer}' (HDF5Data): {path}"
+    if not os.path.isfile(path):
+        raise DataError(f"{where}: file not found (relative paths in the list are "
+                        f"relative to the current directory, {os.getcwd()})")
+    try:
+        with h5py.File(path, "r") as f:
+            arrays = [_read_dataset(f, name, where) for name in names]
+    except OSError as e:
+        raise DataError(f"{where}: not a readable HDF5 file ({e})") from None
+    rows = arrays[0].shape[0]
+    for name, array in zip(names[1:], arrays[1:]):
+        if array.shape[0] != rows:
+            raise DataError(f"{where}: dataset '{name}' has {array.shape[0]} rows but "
+                            f"'{names[0]}' has {rows}; all tops need the same row count")
+    return arrays
+
+
+def _read_dataset(f, name: str, where: str) -> np.ndarray:
+    if name not in f or not hasattr(f[name], "dtype"):
+        found = ", ".join(sorted(f.keys())) or "none"
+        raise DataError(f"{where}: no dataset '{name}' (the top's name); datasets in "
+                        f"the file: {found}")
+    dataset = f[name]
+    if dataset.dtype.kind not in "fiub":
+        raise DataError(f"{where}: dataset '{name}' holds {dataset.dtype}; expected "
+                        "floating point or integer values")
+    if dataset.ndim < 1:
+        raise DataError(f"{where}: dataset '{name}' is a scalar; expected at least 1 axis")
+    return np.ascontiguousarray(dataset[()], dtype=np.float32)
+
+
+@register("HDF5Output")
+class HDF5Output(Layer):
+    """Writes its two bottoms to `file_name` as datasets "data" and "label".
+
+    Each forward replaces the file with the current batch (Caffe can write one
+    batch only); shapes are Caffe's legacy 4-D ones (N, C, H, W).
+    """
+    exact_bottoms = 2
+    exact_tops = 0
+
+    def setup(self, bottom_shapes):
+        self.file_name = self.param.hdf5_output_param.file_name
+        if not self.file_name:
+            raise self.error("hdf5_output_param.file_name is required")
+
+    def reshape(self, bottom_shapes):
+        data, label = bottom_shapes
+        for shape in bottom_shapes:
+            if len(shape) > 4 or len(shape) < 1:
+                raise self.shape_error(f"bottoms need 1 to 4 axes, got {list(shape)}")
+        if data[0] != label[0]:
+            raise self.shape_error(f"data and label need the same batch size, got "
+                                   f"{data[0]} and {label[0]}")
+        return []
+
+    def allow_force_backward(self, bottom_index: int) -> bool:
+        return False
+
+    def forward(self, data, label):
+        arrays = [_legacy_4d(t) for t in (data, label)]
+
+        def write(tmp: str) -> None:
+            import h5py
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("data", data=arrays[0])
+                f.create_dataset("label", data=arrays[1])
+        atomic_call(self.file_name, write)
+        return []
+
+
+def _legacy_4d(tensor: torch.Tensor) -> np.ndarray:
+    array = tensor.detach().to("cpu", torch.float32).numpy()
+    return array.reshape(array.shape + (1,) * (4 - array.ndim))

@@ -1,0 +1,157 @@
+"""Key-ordered record cursors over Caffe's databases, wrapping around like Caffe.
+
+Caffe's Data layer walks its database with one cursor in key order and seeks back
+to the first record when it runs off the end, so batch k of a TEST net is a fixed
+slice of that endless cycle. `RecordCursor` reproduces that walk for LMDB (the
+`lmdb` package; keys compare as bytes, as in Caffe) and for LevelDB through the
+optional `plyvel` binding (bytewise comparator, as Caffe's). Errors name the path
+and, for a record, its key; a database given with the wrong backend says which
+backend its files look like.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import lmdb
+
+from ..errors import DataError
+from ..proto import caffe_pb2
+
+LMDB = caffe_pb2.DataParameter.LMDB
+LEVELDB = caffe_pb2.DataParameter.LEVELDB
+BACKENDS = {"lmdb": LMDB, "leveldb": LEVELDB}
+
+
+def backend_value(name: str) -> int:
+    """'lmdb' / 'leveldb' (any case) as the DataParameter.DB value."""
+    try:
+        return BACKENDS[name.lower()]
+    except KeyError:
+        raise DataError(f"unknown backend '{name}'; use lmdb or leveldb") from None
+
+
+class RecordCursor:
+    """An endless key-ordered walk over a database's (key, value) records."""
+
+    def __init__(self, path: str, backend: int = LMDB):
+        self.path = os.fspath(path)
+        self.backend = backend
+        _check_layout(self.path, backend)
+        if backend == LMDB:
+            self._store = _LmdbStore(self.path)
+        else:
+            self._store = _LevelDbStore(self.path)
+        self._records = self._store.records()
+        self._pending = self._first()
+
+    def _first(self) -> tuple[bytes, bytes]:
+        try:
+            return next(self._records)
+        except StopIteration:
+            self.close()
+            raise DataError(f"{self.path}: the database holds no records") from None
+
+    def peek(self) -> tuple[bytes, bytes]:
+        """The record `next` returns, without moving."""
+        return self._pending
+
+    def next(self) -> tuple[bytes, bytes]:
+        """The current record; the cursor then moves on, back to the first at the end."""
+        record = self._pending
+        try:
+            self._pending = next(self._records)
+        except StopIteration:
+            self._records = self._store.records()
+            self._pending = self._first()
+        return record
+
+    def skip(self, count: int) -> None:
+        for _ in range(count):
+            self.next()
+
+    def where(self, key: bytes) -> str:
+        """'path' and record key, for error messages."""
+        return f"{self.path} record '{key.decode('utf-8', 'replace')}'"
+
+    def close(self) -> None:
+        self._store.close()
+
+
+def _check_layout(path: str, backend: int) -> None:
+    if not os.path.exists(path):
+        name = "LMDB" if backend == LMDB else "LevelDB"
+        raise DataError(f"{path}: no such {name} database (directory not found)")
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: is a file; a database is a directory")
+    looks_lmdb = os.path.exists(os.path.join(path, "data.mdb"))
+    looks_leveldb = os.path.exists(os.path.join(path, "CURRENT"))
+    if backend == LEVELDB and looks_lmdb:
+        raise DataError(f"{path}: this is an LMDB but data_param.backend is LEVELDB "
+                        "(Caffe's default when backend is not given); add "
+                        "'backend: LMDB' to data_param")
+    if backend == LMDB and not looks_lmdb:
+        hint = "; it looks like a LevelDB: use 'backend: LEVELDB'" if looks_leveldb else ""
+        raise DataError(f"{path}: not an LMDB (no data.mdb){hint}")
+
+
+class _LmdbStore:
+    """A read-only LMDB environment with one long read transaction, as Caffe keeps."""
+
+    def __init__(self, path: str):
+        self.env = _open_lmdb(path)
+        self.txn = self.env.begin(buffers=False)
+
+    def records(self) -> Iterator[tuple[bytes, bytes]]:
+        return iter(self.txn.cursor())
+
+    def close(self) -> None:
+        if self.env is not None:
+            self.txn.abort()
+            self.env.close()
+            self.env = None
+
+
+def _open_lmdb(path: str) -> lmdb.Environment:
+    """Open read-only; without write access to lock.mdb fall back to no locking,
+    as Caffe built with ALLOW_LMDB_NOLOCK does."""
+    try:
+        return lmdb.open(path, readonly=True, lock=True)
+    except lmdb.Error as e:
+        if "ermission" not in str(e) and not isinstance(e, lmdb.ReadonlyError):
+            raise DataError(f"{path}: cannot open the LMDB ({e})") from None
+    try:
+        return lmdb.open(path, readonly=True, lock=False)
+    except lmdb.Error as e:
+        raise DataError(f"{path}: cannot open the LMDB ({e})") from None
+
+
+class _LevelDbStore:
+    """A LevelDB read through plyvel, when that optional binding is installed."""
+
+    def __init__(self, path: str):
+        plyvel = import_plyvel()
+        try:
+            self.db = plyvel.DB(path, create_if_missing=False)
+        except plyvel.Error as e:
+            raise DataError(f"{path}: cannot open the LevelDB ({e})") from None
+        self.snapshot = self.db.snapshot()
+
+    def records(self) -> Iterator[tuple[bytes, bytes]]:
+        return self.snapshot.iterator()
+
+    def close(self) -> None:
+        if not self.db.closed:
+            self.snapshot.close()
+            self.db.close()
+
+
+def import_plyvel():
+    """The plyvel module, or a DataError explaining how to do without it."""
+    try:
+        import plyvel
+    except ImportError:
+        raise DataError("LevelDB needs the optional 'plyvel' package (pip install "
+                        "plyvel); or use LMDB: convert with `protonet convert-imageset "
+                        "--backend lmdb` and set 'backend: LMDB'") from None
+    return plyvel
