@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+from torch.nn.utils import parametrize
 
 from .errors import NetError, ProtonetError
 from .io.upgrade import read_net
@@ -93,23 +94,37 @@ class Blob:
 class ParamBlob:
     """A learnable param seen as a Blob: `.data` is the weight, `.diff` its gradient."""
 
-    def __init__(self, param: torch.nn.Parameter):
-        self._param = param
+    def __init__(self, layer, index: int):
+        self._layer, self._index = layer, index
+
+    @property
+    def _param(self) -> torch.Tensor:
+        return self._layer.blobs[self._index]
+
+    @property
+    def _leaf(self) -> torch.nn.Parameter:
+        """The stored Parameter (for a PERMISSIVE share, the owner's, in its shape)."""
+        blobs = self._layer.blobs
+        if parametrize.is_parametrized(blobs, str(self._index)):
+            return blobs.parametrizations[str(self._index)].original
+        return blobs[self._index]
 
     @property
     def data(self) -> np.ndarray:
-        return _view(self._param)
+        return _view(self._leaf).reshape(self.shape)
 
     @data.setter
     def data(self, value) -> None:
         with torch.no_grad():
-            self._param.copy_(torch.as_tensor(np.asarray(value, dtype=np.float32)))
+            self._leaf.copy_(torch.as_tensor(np.asarray(value, dtype=np.float32))
+                             .reshape(self._leaf.shape))
 
     @property
     def diff(self) -> np.ndarray:
-        if self._param.grad is None:
-            self._param.grad = torch.zeros_like(self._param)
-        return _view(self._param.grad)
+        leaf = self._leaf
+        if leaf.grad is None:
+            leaf.grad = torch.zeros_like(leaf)
+        return _view(leaf.grad).reshape(self.shape)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -136,7 +151,7 @@ class LayerView:
 
     @property
     def blobs(self) -> list[ParamBlob]:
-        return [ParamBlob(p) for p in self._layer.blobs]
+        return [ParamBlob(self._layer, i) for i in range(len(self._layer.blobs))]
 
     @property
     def module(self):
@@ -195,7 +210,7 @@ class Net:
 
     @property
     def params(self) -> "OrderedDict[str, list[ParamBlob]]":
-        return OrderedDict((layer.layer_name, [ParamBlob(p) for p in layer.blobs])
+        return OrderedDict((layer.layer_name, LayerView(layer).blobs)
                            for layer in self.module.layers if len(layer.blobs))
 
     @property

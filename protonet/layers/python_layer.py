@@ -8,12 +8,12 @@ before every `forward(bottom, top)`; `backward(top, propagate_down, bottom)` wri
 bottom diffs (and param diffs). Blobs are numpy-backed objects with `.data`, `.diff` and
 `.reshape(*shape)`; `self.blobs.add_blob(*shape)` makes a learnable param. The user's code
 runs on CPU numpy arrays; an autograd Function ties it into the torch graph.
+`share_in_parallel`, deprecated in Caffe, is accepted and has no effect.
 """
 from __future__ import annotations
 
 import importlib
 from contextlib import contextmanager
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -52,8 +52,12 @@ class NumpyBlob:
     """pycaffe's Blob as a Python layer sees it: float32 `.data` and `.diff` arrays."""
 
     def __init__(self, data: np.ndarray | None = None):
-        self._data = np.zeros(0, np.float32) if data is None else data
-        self._diff = np.zeros_like(self._data)
+        self.hold(np.zeros(0, np.float32) if data is None else data)
+
+    def hold(self, data: np.ndarray, diff: np.ndarray | None = None) -> None:
+        """Make these arrays the blob's data and diff (diff zeros if not given)."""
+        self._data = data
+        self._diff = np.zeros_like(data) if diff is None else diff
 
     @property
     def data(self) -> np.ndarray:
@@ -86,8 +90,7 @@ class NumpyBlob:
         dims = tuple(int(d) for d in shape)
         if any(d < 0 for d in dims):
             raise ValueError(f"blob shape {list(dims)} has a negative dimension")
-        self._data = np.zeros(dims, np.float32)
-        self._diff = np.zeros(dims, np.float32)
+        self.hold(np.zeros(dims, np.float32))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(shape={list(self.shape)})"
@@ -138,17 +141,14 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy() if tensor.device.type == "cpu" else tensor.cpu().numpy()
 
 
-def _zero_blobs(shapes: Sequence[Sequence[int]]) -> list[NumpyBlob]:
-    return [NumpyBlob(np.zeros(tuple(s), np.float32)) for s in shapes]
-
-
 class PythonFunction(torch.autograd.Function):
     """Runs the user's reshape+forward, and backward, on numpy copies of the tensors."""
 
     @staticmethod
     def forward(ctx, host: "Python", num_bottoms: int, *tensors):
-        bottom = [NumpyBlob(t.detach().cpu().numpy().copy()) for t in tensors[:num_bottoms]]
-        top = [NumpyBlob() for _ in range(host.num_tops)]
+        bottom, top = host.bottom, host.top
+        for blob, tensor in zip(bottom, tensors[:num_bottoms]):
+            blob.hold(tensor.detach().cpu().numpy().copy())
         with host.staging(with_diffs=False):
             host.call("reshape", bottom, top)
             host.call("forward", bottom, top)
@@ -159,14 +159,14 @@ class PythonFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *top_diffs):
-        host, num_bottoms = ctx.host, len(ctx.bottom_data)
+        host, bottom, top = ctx.host, ctx.host.bottom, ctx.host.top
         needs = ctx.needs_input_grad[2:]
-        top = [NumpyBlob(data) for data in ctx.top_data]
-        for blob, diff in zip(top, top_diffs):
-            blob.diff[...] = diff.detach().cpu().numpy()
-        bottom = [NumpyBlob(data) for data in ctx.bottom_data]
+        for blob, data, diff in zip(top, ctx.top_data, top_diffs):
+            blob.hold(data, np.array(diff.detach().cpu().numpy(), np.float32))
+        for blob, data in zip(bottom, ctx.bottom_data):
+            blob.hold(data)
         with host.staging(with_diffs=True) as param_diffs:
-            host.call("backward", top, list(needs[:num_bottoms]), bottom)
+            host.call("backward", top, list(needs[:len(bottom)]), bottom)
         diffs = [b.diff for b in bottom] + param_diffs
         return (None, None, *(torch.from_numpy(d).to(host.device) if need else None
                               for d, need in zip(diffs, needs)))
@@ -179,6 +179,8 @@ class Python(Layer):
     def __init__(self, param, phase=TEST):
         super().__init__(param, phase)
         self.user: PythonLayer | None = None
+        self.bottom: list[NumpyBlob] = []   # the blobs the user's code sees; like
+        self.top: list[NumpyBlob] = []      # Caffe's, they persist between calls
         self.staged_data: list[np.ndarray] | None = None
         self.staged_diffs: list[np.ndarray] | None = None
 
@@ -192,8 +194,15 @@ class Python(Layer):
         self.user.param_str = self.param.python_param.param_str
         self.user.phase = int(self.phase)
         self.user.blobs = ParamBlobs(self)
-        top = [NumpyBlob() for _ in range(self.num_tops)]
-        self.call("setup", _zero_blobs(bottom_shapes), top)
+        self.bottom = [NumpyBlob(np.zeros(tuple(s), np.float32)) for s in bottom_shapes]
+        self.top = [NumpyBlob() for _ in range(self.num_tops)]
+        self.call("setup", self.bottom, self.top)
+
+    def shape_bottoms(self, bottom_shapes) -> None:
+        """Shape the bottoms for shape inference (zeros where the shape changes)."""
+        for blob, shape in zip(self.bottom, bottom_shapes):
+            if blob.shape != tuple(shape):
+                blob.hold(np.zeros(tuple(shape), np.float32))
 
     def instantiate(self) -> PythonLayer:
         p = self.param.python_param
@@ -232,9 +241,9 @@ class Python(Layer):
                              f"{e}") from e
 
     def reshape(self, bottom_shapes):
-        top = [NumpyBlob() for _ in range(self.num_tops)]
-        self.call("reshape", _zero_blobs(bottom_shapes), top)
-        return [t.shape for t in top]
+        self.shape_bottoms(bottom_shapes)
+        self.call("reshape", self.bottom, self.top)
+        return [t.shape for t in self.top]
 
     def forward(self, *bottoms):
         return list(PythonFunction.apply(self, len(bottoms), *bottoms, *self.blobs))

@@ -11,6 +11,8 @@ input. Here each step is a few torch ops in a Python loop, with the same param b
   the next (zeros at first), as Caffe copies it between passes;
 - gradients never cross forward passes: nothing flows to cont, to the initial-state
   bottoms or from the final-state tops.
+
+`recurrent_param.debug_info` logs each step's mean |h| (and |c|) on the "protonet" logger.
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..errors import NetError, ShapeError
 from ..layers import layer_class
@@ -48,6 +49,17 @@ class LearnableParam:
     has_lr: bool = False
     has_decay: bool = False
     users: list = field(default_factory=list)   # (layer, index) of every sharer
+
+
+class _ViewAs(nn.Module):
+    """Parametrization that shows a shared param in the sharing layer's shape."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.reshape(self.shape)
 
 
 class NetModule(nn.Module):
@@ -259,12 +271,10 @@ class NetModule(nn.Module):
                                f"its owner '{owner.layer}' {owner.decay_mult}",
                                lp.name, lp.type)
             owner.has_decay, owner.decay_mult = True, spec.decay_mult
-        if mine.shape == theirs.shape:
-            layer.blobs[i] = theirs
-        else:  # PERMISSIVE: same memory, this layer's shape
-            layer.blobs[i] = theirs    # replaced below by a view at forward time
-            layer.shared_views = getattr(layer, "shared_views", {})
-            layer.shared_views[i] = tuple(mine.shape)
+        layer.blobs[i] = theirs
+        if mine.shape != theirs.shape:   # PERMISSIVE: the owner's memory, this layer's shape
+            parametrize.register_parametrization(layer.blobs, str(i),
+                                                 _ViewAs(tuple(mine.shape)), unsafe=True)
         owner.users.append((lp.name, i))
         theirs.requires_grad_(owner.lr_mult != 0 or theirs.requires_grad)
 

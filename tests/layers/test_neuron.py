@@ -27,8 +27,9 @@ def build(layers: str, shape: tuple, phase: int = protonet.TRAIN) -> protonet.Ne
     return protonet.Net(parse_text(text, caffe_pb2.NetParameter()), phase)
 
 
-def layer_text(type_name: str, params: str = "", bottom: str = "x", top: str = "y") -> str:
-    return (f'layer {{ name: "L" type: "{type_name}" bottom: "{bottom}" top: "{top}" '
+def layer_text(type_name: str, params: str = "", bottom: str = "x", top: str = "y",
+               name: str = "L") -> str:
+    return (f'layer {{ name: "{name}" type: "{type_name}" bottom: "{bottom}" top: "{top}" '
             f'{params} }}\n')
 
 
@@ -46,7 +47,8 @@ def forward_backward(type_name: str, params: str, x: np.ndarray, dy: np.ndarray 
 
 
 def make_layer(text: str, shape: tuple, phase: int = protonet.TRAIN):
-    param = parse_text(text, caffe_pb2.LayerParameter())
+    """A set-up layer object with bottom "x" and top "y", to call directly."""
+    param = parse_text(f'bottom: "x" top: "y" {text}', caffe_pb2.LayerParameter())
     layer = layer_class(param.type)(param, phase)
     layer.setup([shape])
     assert layer.reshape([shape]) == [shape]
@@ -91,7 +93,7 @@ def test_relu_gradient_at_zero_is_the_slope(slope):
 
 def test_relu_in_place_chain():
     x, dy = with_kinks(2, 6), randn(2, 6)
-    net = build(layer_text("Power", "power_param { scale: -2 }") +
+    net = build(layer_text("Power", "power_param { scale: -2 }", name="P") +
                 layer_text("ReLU", "relu_param { negative_slope: 0.5 }", "y", "y"), x.shape)
     net.blobs["x"].data[...] = x
     net.forward()
@@ -187,7 +189,8 @@ def test_bnll_large_inputs_and_gradient_at_zero():
     x = np.array([[-100.0, -3.0, 0.0, 3.0, 60.0, 100.0]], np.float32)
     y, dx = forward_backward("BNLL", "", x, np.ones_like(x))
     np.testing.assert_allclose(y, np.logaddexp(0, x.astype(np.float64)), rtol=1e-6, atol=1e-30)
-    np.testing.assert_allclose(dx, 1 / (1 + np.exp(-x.astype(np.float64))), rtol=1e-6)
+    np.testing.assert_allclose(dx, 1 / (1 + np.exp(-x.astype(np.float64))), rtol=1e-6,
+                               atol=1e-30)
     assert dx[0, 2] == 0.5
 
 
@@ -256,7 +259,8 @@ def test_power_zero_base_gives_nan_gradient_as_in_caffe():
 
 
 @pytest.mark.parametrize("text,value", [
-    ("power_param { power: 0 shift: 3 }", 1.0), ("power_param { power: 2 scale: 0 shift: 3 }", 9.0)])
+    ("power_param { power: 0 shift: 3 }", 1.0),
+    ("power_param { power: 2 scale: 0 shift: 3 }", 9.0)])
 def test_power_constant_output_has_zero_gradient(text, value):
     x = randn(2, 3)
     y, dx = forward_backward("Power", text, x, np.full_like(x, np.nan))

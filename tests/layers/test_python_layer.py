@@ -101,6 +101,15 @@ USER_LAYERS = textwrap.dedent('''
             if propagate_down[0]:
                 bottom[0].diff[...] += top[1].diff
 
+    class Counter(PythonLayer):
+        """A data layer in pycaffe's style: tops shaped in setup, reshape empty."""
+        def setup(self, bottom, top):
+            top[0].reshape(2, 2)
+        def reshape(self, bottom, top):
+            pass
+        def forward(self, bottom, top):
+            top[0].data[...] += 1
+
     class Broken(PythonLayer):
         def setup(self, bottom, top):
             raise RuntimeError("bad param_str " + repr(self.param_str))
@@ -162,7 +171,8 @@ def test_two_tops_propagate_down_and_top_data_in_backward(user_module):
     net = build(data_input("a") + data_input("b")
                 + 'layer { name: "w" type: "Scale" bottom: "a" top: "a2" '
                   'param { lr_mult: 1 } scale_param { bias_term: false } }\n'
-                + python_layer("s", ["a2", "b"], ["sum", "rowsum"], "SumAndRecord"))
+                + python_layer("s", ["a2", "b"], ["sum", "rowsum"], "SumAndRecord",
+                               extra="loss_weight: 1 loss_weight: 1"))
     assert net.blobs["sum"].shape == (2, 3) and net.blobs["rowsum"].shape == (2, 1)
     a = np.arange(6, dtype=np.float32).reshape(2, 3)
     out = net.forward(a=a, b=np.ones((2, 3), np.float32))
@@ -172,6 +182,14 @@ def test_two_tops_propagate_down_and_top_data_in_backward(user_module):
     assert user.propagate_down == [True, False]
     np.testing.assert_allclose(user.top_data[:, 0], [3, 12])
     np.testing.assert_allclose(net.blobs["a2"].diff, [[2, 2, 2], [3, 3, 3]])
+
+
+def test_tops_persist_between_calls(user_module):
+    user_module("user_layers", USER_LAYERS)
+    net = build(python_layer("count", [], ["n"], "Counter"))
+    assert net.blobs["n"].shape == (2, 2)
+    net.forward()
+    np.testing.assert_array_equal(net.forward()["n"], np.full((2, 2), 2))
 
 
 def test_reshape_follows_new_input_shape(user_module):

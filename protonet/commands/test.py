@@ -1,0 +1,64 @@
+"""`protonet test`: score trained weights over N batches, like `caffe test`.
+
+Every batch's output values are logged, then the mean of each output element over
+the batches (loss outputs with their loss weight), which is what Caffe prints.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from ..device import select_device
+from ..io.upgrade import read_net
+from ..net.module import NetModule
+from ..proto import caffe_pb2
+from ..solver.solver import flat_outputs, load_weights, output_labels, score_line
+from ..solver.updates import f32
+
+log = logging.getLogger("protonet")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("test", help="score a model's outputs over test batches",
+                       description="Run the TEST phase net as caffe test does.")
+    p.add_argument("--model", required=True, help="net prototxt")
+    p.add_argument("--weights", required=True, help="caffemodel(s), comma-separated")
+    p.add_argument("--iterations", type=int, default=50, help="batches to run (default 50)")
+    p.add_argument("--gpu", help="GPU id to run on (CPU when absent)")
+    p.add_argument("--level", type=int, default=0, help="net level")
+    p.add_argument("--stage", action="append", default=[],
+                   help="net stage (repeat or comma-separate)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    device = select_device(args.gpu)
+    if device.type == "cuda":
+        log.info("Use GPU with device ID %d", device.index)
+    else:
+        log.info("Use CPU.")
+    stages = [s for arg in args.stage for s in arg.split(",") if s]
+    module = NetModule(read_net(args.model), phase=caffe_pb2.TEST, level=args.level,
+                       stages=stages).to(device)
+    load_weights(module, args.weights)
+    log.info("Running for %d iterations.", args.iterations)
+    sums, labels, loss = None, [], np.float32(0)
+    with torch.no_grad():
+        for i in range(args.iterations):
+            values, batch_loss = module()
+            if batch_loss is not None:
+                loss += np.float32(float(batch_loss))
+            flat = flat_outputs(module, values)
+            if sums is None:
+                sums, labels = flat.clone(), output_labels(module, values)
+            else:
+                sums += flat
+            for (name, _), score in zip(labels, flat.tolist()):
+                log.info("Batch %d, %s = %g", i, name, score)
+    log.info("Loss: %g", f32(loss / max(args.iterations, 1)))
+    means = (sums / args.iterations).tolist() if sums is not None else []
+    for (name, weight), mean in zip(labels, means):
+        log.info("%s", score_line(mean, name, weight))
+    return 0

@@ -1,0 +1,709 @@
+"""The training loop: Caffe's Solver and SGDSolver family, step for step.
+
+Caffe's observable behaviour is the contract: which iteration tests and snapshots
+happen at, the order of the update (learning rate, gradient clipping, 1/iter_size
+normalization, weight decay, the rule, data -= diff), the smoothed loss, the log
+lines tools parse, and the solverstate files. Test nets hold the very tensors of
+the train net's params, so an update is visible to them without copying.
+
+The per-iteration path is kept flat: the param, gradient, rate and decay lists are
+built once, updates are fused foreach ops, and host/device syncs happen only at
+display, test and snapshot time.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Callable, ClassVar, Sequence
+
+import numpy as np
+import torch
+
+from .. import data as _data  # noqa: F401  (registers HDF5Data/HDF5Output)
+from ..device import select_device
+from ..errors import SolverError, closest
+from ..io.text import to_text
+from ..io.upgrade import read_net, read_solver, upgrade_solver
+from ..io.weights import copy_trained_layers, read_weights, save_caffemodel
+from ..net.module import NetModule
+from ..proto import caffe_pb2
+from ..pycaffe import Net
+from ..rng import set_random_seed
+from .lr_policy import make_policy
+from .snapshot import (SolverStateData, load_history, read_state, resolve_learned_net,
+                       snapshot_filename, write_state)
+from .updates import RULES, UpdateRule, f32
+
+log = logging.getLogger("protonet")
+
+SP = caffe_pb2.SolverParameter
+NONE, SNAPSHOT, STOP = "none", "snapshot", "stop"      # Caffe's SolverAction
+TRAIN_NET_FIELDS = ("net", "net_param", "train_net", "train_net_param")
+
+
+# -- devices ---------------------------------------------------------------------
+def solver_device(param: caffe_pb2.SolverParameter) -> torch.device:
+    """The device a solver file asks for: solver_mode GPU (when set) and device_id;
+    the CPU, with a warning, when CUDA is unavailable."""
+    if not (param.HasField("solver_mode") and param.solver_mode == SP.GPU):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        log.warning("solver_mode is GPU but CUDA is not available; using the CPU")
+        return torch.device("cpu")
+    return select_device(str(param.device_id))
+
+
+# -- net outputs -----------------------------------------------------------------
+def output_labels(module: NetModule, values: list) -> list[tuple[str, float]]:
+    """(blob name, loss weight) for each element of the net's output blobs, in
+    Caffe's order (output blobs by name, elements in memory order)."""
+    weights = {step.tops[pos]: w for step in module.steps for pos, w in step.losses}
+    return [(module.blob_names[b], weights.get(b, 0.0))
+            for b in module.output_ids for _ in range(values[b].numel())]
+
+
+def flat_outputs(module: NetModule, values: list) -> torch.Tensor:
+    """All output blob elements of one forward pass as one float32 vector."""
+    parts = [values[b].detach().reshape(-1).float() for b in module.output_ids]
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def score_line(value: float, name: str, weight: float) -> str:
+    """`name = value`, plus Caffe's ` (* w = w*value loss)` for loss outputs."""
+    text = f"{name} = {value:g}"
+    if weight:
+        text += f" (* {weight:g} = {f32(np.float32(weight) * np.float32(value)):g} loss)"
+    return text
+
+
+def group_scores(labels: list[tuple[str, float]], values: list[float]) -> dict:
+    """Scores by output name (a list when an output has several elements)."""
+    grouped: dict[str, list[float]] = {}
+    for (name, _), value in zip(labels, values):
+        grouped.setdefault(name, []).append(value)
+    return {k: v[0] if len(v) == 1 else v for k, v in grouped.items()}
+
+
+# -- building the nets -------------------------------------------------------------
+def _read_solver_param(source) -> caffe_pb2.SolverParameter:
+    if isinstance(source, caffe_pb2.SolverParameter):
+        return upgrade_solver(source)
+    return read_solver(os.fspath(source))
+
+
+def _with_state(net: caffe_pb2.NetParameter, phase: int,
+                override: caffe_pb2.NetState | None) -> caffe_pb2.NetParameter:
+    """Caffe's NetState precedence: phase, then the net's own state, then the solver's."""
+    state = caffe_pb2.NetState(phase=phase)
+    state.MergeFrom(net.state)
+    if override is not None:
+        state.MergeFrom(override)
+    net.state.CopyFrom(state)
+    return net
+
+
+def _share_trained(target: NetModule, source: NetModule) -> None:
+    """Make same-named layers of `target` use `source`'s param tensors."""
+    by_name = {layer.layer_name: layer for layer in source.layers}
+    for layer in target.layers:
+        theirs = by_name.get(layer.layer_name)
+        if theirs is None:
+            continue
+        if len(theirs.blobs) != len(layer.blobs):
+            raise SolverError(f"layer '{layer.layer_name}' has {len(layer.blobs)} param "
+                              f"blobs in a test net, {len(theirs.blobs)} in the train net")
+        for j, blob in enumerate(theirs.blobs):
+            if blob.shape != layer.blobs[j].shape:
+                raise SolverError(f"cannot share param {j} of layer '{layer.layer_name}' "
+                                  f"with the test net: train shape {list(blob.shape)}, "
+                                  f"test shape {list(layer.blobs[j].shape)}")
+            layer.blobs[j] = blob
+
+
+def load_weights(module: NetModule, paths: str) -> None:
+    """Copy weights from a comma-separated list of .caffemodel/.h5 files."""
+    for path in (p.strip() for p in paths.split(",")):
+        if path:
+            log.info("Finetuning from %s", path)
+            copy_trained_layers(module.layers, read_weights(path), path,
+                                partial=path.endswith((".h5", ".hdf5")))
+
+
+class JsonLog:
+    """One JSON object per line, flushed per event (opened on first use)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.file = None
+
+    def write(self, record: dict, append: bool) -> None:
+        if self.file is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            self.file = open(self.path, "a" if append else "w", encoding="utf-8")
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class Solver:
+    """Caffe's Solver: `step(n)`, `solve(resume_file)`, `snapshot()`, `restore(path)`.
+
+    `param` is a solver prototxt path or a SolverParameter. `device` overrides
+    solver_mode/device_id. `action` is polled once per iteration (and per test
+    batch) and returns "none", "snapshot" or "stop", like Caffe's signal handler.
+    """
+
+    rule_class: ClassVar[type[UpdateRule] | None] = None   # None: from param.type
+
+    def __init__(self, param, device=None, *, action: Callable[[], str] | None = None,
+                 log_json: str | None = None, progress: bool = False):
+        self.param = _read_solver_param(param)
+        rule_class = self.rule_class or self._rule_for(self.param.type)
+        self._check_param()
+        log.info("Initializing solver from parameters: \n%s", to_text(self.param))
+        if self.param.random_seed >= 0:
+            set_random_seed(self.param.random_seed)
+        self.device = torch.device(device) if device is not None else solver_device(self.param)
+        self.train_module = self._init_train_net()
+        self.test_modules = self._init_test_nets()
+        log.info("Solver scaffolding done.")
+        self.iter = 0
+        self.current_step = 0
+        self.requested_early_exit = False
+        self.action = action
+        self.progress = progress
+        self._json = JsonLog(log_json) if log_json else None
+        self._restored = False
+        self._callbacks: list[tuple[Callable, Callable]] = []
+        self._views = [Net.from_module(m, self.device)
+                       for m in [self.train_module, *self.test_modules]]
+        self._init_update(rule_class)
+        self._losses: list[torch.Tensor] = []
+        self._start_iter = 0
+        self._bar = None
+        self._display_record: dict | None = None
+
+    # -- construction ---------------------------------------------------------------
+    @staticmethod
+    def _rule_for(type_name: str) -> type[UpdateRule]:
+        rule = RULES.get(type_name)
+        if rule is None:
+            raise SolverError(f"unknown solver type '{type_name}'{closest(type_name, RULES)}; "
+                              f"expected one of {', '.join(RULES)}")
+        return rule
+
+    def _check_param(self) -> None:
+        p = self.param
+        if p.average_loss < 1:
+            raise SolverError(f"average_loss must be at least 1, got {p.average_loss}")
+        if p.iter_size < 1:
+            raise SolverError(f"iter_size must be at least 1, got {p.iter_size}")
+        if p.regularization_type not in ("L1", "L2"):
+            raise SolverError(f"unknown regularization_type '{p.regularization_type}'; "
+                              "expected L1 or L2")
+        if p.snapshot:
+            self._check_snapshot_prefix()
+
+    def _check_snapshot_prefix(self) -> None:
+        prefix = self.param.snapshot_prefix
+        if not prefix:
+            raise SolverError("snapshot is set but snapshot_prefix is not")
+        folder = os.path.dirname(prefix) or "."
+        if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            raise SolverError(f"cannot write to snapshot prefix '{prefix}': make sure the "
+                              f"folder '{folder}' exists and is writable")
+
+    def _init_train_net(self) -> NetModule:
+        p = self.param
+        given = [f for f in TRAIN_NET_FIELDS if p.HasField(f)]
+        if len(given) != 1:
+            raise SolverError(f"a solver needs exactly one of {', '.join(TRAIN_NET_FIELDS)} "
+                              f"to define the train net; found {len(given) or 'none'}"
+                              f"{': ' + ', '.join(given) if given else ''}")
+        field = given[0]
+        if field.endswith("_param"):
+            log.info("Creating training net specified in %s.", field)
+            net = caffe_pb2.NetParameter()
+            net.CopyFrom(getattr(p, field))
+        else:
+            log.info("Creating training net from %s file: %s", field, getattr(p, field))
+            net = read_net(getattr(p, field))
+        module = NetModule(_with_state(net, caffe_pb2.TRAIN, p.train_state)).to(self.device)
+        for weights in p.weights:
+            load_weights(module, weights)
+        return module
+
+    def _test_net_params(self) -> list[tuple[str, caffe_pb2.NetParameter]]:
+        """(source description, NetParameter) per test net, in Caffe's order."""
+        p = self.param
+        if p.HasField("net") and p.HasField("net_param"):
+            raise SolverError("give either net or net_param, not both")
+        sources = [("test_net_param", _copy(n)) for n in p.test_net_param]
+        sources += [(f"test_net file: {f}", read_net(f)) for f in p.test_net]
+        generic = p.HasField("net") or p.HasField("net_param")
+        if len(p.test_iter) < len(sources) or (not generic and len(p.test_iter) != len(sources)):
+            raise SolverError(f"test_iter must be given once per test net: "
+                              f"{len(p.test_iter)} test_iter for {len(sources)} test net(s)")
+        for _ in range(len(p.test_iter) - len(sources)):
+            if p.HasField("net_param"):
+                sources.append(("net_param", _copy(p.net_param)))
+            else:
+                sources.append((f"net file: {p.net}", read_net(p.net)))
+        if p.test_state and len(p.test_state) != len(sources):
+            raise SolverError(f"test_state must be unspecified or given once per test net "
+                              f"({len(p.test_state)} for {len(sources)})")
+        if sources and p.test_interval <= 0:
+            raise SolverError(f"test_interval must be positive when there are test nets, "
+                              f"got {p.test_interval}")
+        return sources
+
+    def _init_test_nets(self) -> list[NetModule]:
+        modules = []
+        for i, (source, net) in enumerate(self._test_net_params()):
+            state = self.param.test_state[i] if self.param.test_state else None
+            log.info("Creating test net (#%d) specified by %s", i, source)
+            module = NetModule(_with_state(net, caffe_pb2.TEST, state)).to(self.device)
+            for weights in self.param.weights:
+                load_weights(module, weights)
+            _share_trained(module, self.train_module)
+            modules.append(module)
+        return modules
+
+    def _init_update(self, rule_class: type[UpdateRule]) -> None:
+        p = self.param
+        learnable = self.train_module.learnable
+        self._params = [entry.param for entry in learnable]
+        self._lr_mults = [np.float32(entry.lr_mult) for entry in learnable]
+        decays = [f32(np.float32(p.weight_decay) * np.float32(e.decay_mult))
+                  for e in learnable]
+        self._decayed = [i for i, d in enumerate(decays) if d != 0]
+        self._decays = [decays[i] for i in self._decayed]
+        self._policy = make_policy(p)
+        self._rule = rule_class(p, self._params)
+        self._rates_for: float | None = None
+        self._rates: list[float] = []
+
+    # -- pycaffe view -----------------------------------------------------------------
+    @property
+    def net(self) -> Net:
+        """The train net as a pycaffe Net (blobs show the last iteration's values)."""
+        return self._views[0]
+
+    @property
+    def test_nets(self) -> list[Net]:
+        return self._views[1:]
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next update would use."""
+        return self._policy(self.iter, self.current_step)[0]
+
+    def _module(self, index: int) -> NetModule:
+        return self.train_module if index == 0 else self.test_modules[index - 1]
+
+    def add_callback(self, on_start: Callable[[], None],
+                     on_gradients_ready: Callable[[], None]) -> None:
+        """pycaffe's add_callback: called before each iteration and before each update."""
+        self._callbacks.append((on_start, on_gradients_ready))
+
+    # -- forward passes -----------------------------------------------------------------
+    def _forward(self, index: int):
+        """One forward pass of net `index` (0: train); its pycaffe view keeps the blobs
+        (and supplies the input blobs), as Caffe's nets keep theirs."""
+        module, view = self._module(index), self._views[index]
+        inputs = {module.blob_names[i]: view._values[i] for i in module.input_ids}
+        view._values = [None] * len(module.blob_names)
+        values, loss = module(inputs)
+        view._values, view._loss = values, loss
+        view._diffs = [None] * len(values)
+        return values, loss
+
+    def _forward_backward(self, debug: bool):
+        values, loss = self._forward(0)
+        if debug:
+            forward_debug(self.train_module, values)
+        if loss is None:
+            return values, torch.zeros((), device=self.device)
+        if loss.requires_grad:
+            loss.backward()
+        if debug:
+            backward_debug(self.train_module)
+        return values, loss.detach()
+
+    # -- the loop -----------------------------------------------------------------------
+    def step(self, iters: int) -> None:
+        """Run `iters` iterations (Caffe's Solver::Step)."""
+        self._start_iter, stop_iter = self.iter, self.iter + iters
+        self._losses = []
+        self._timer, self._iter_last = time.perf_counter(), self.iter
+        p = self.param
+        while self.iter < stop_iter:
+            self._clear_diffs()
+            if p.test_interval and self.iter % p.test_interval == 0 and (
+                    self.iter > 0 or p.test_initialization):
+                self.test_all()
+                if self.requested_early_exit:
+                    break
+            for on_start, _ in self._callbacks:
+                on_start()
+            display = bool(p.display) and self.iter % p.display == 0
+            values, loss = self._accumulate(display and p.debug_info)
+            self._smooth(loss)
+            if display:
+                self._display(values)
+            del values
+            for _, on_gradients_ready in self._callbacks:
+                on_gradients_ready()
+            self.apply_update(display)
+            if self._bar is not None:
+                self._bar.update()
+            request = self._request()
+            if (p.snapshot and self.iter % p.snapshot == 0) or request == SNAPSHOT:
+                self.snapshot()
+            if request == STOP:
+                self.requested_early_exit = True
+                break
+
+    def _clear_diffs(self) -> None:
+        for param in self._params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        torch._foreach_zero_([param.grad for param in self._params])
+
+    def _accumulate(self, debug: bool):
+        """iter_size forward/backward passes; returns the last values and mean loss."""
+        total = None
+        for _ in range(self.param.iter_size):
+            values, loss = self._forward_backward(debug)
+            total = loss if total is None else total + loss
+        return values, total / self.param.iter_size
+
+    def _smooth(self, loss: torch.Tensor) -> None:
+        """Keep the last average_loss losses (Caffe's UpdateSmoothedLoss), lazily."""
+        window = self.param.average_loss
+        if len(self._losses) < window:
+            self._losses.append(loss)
+        else:
+            self._losses[(self.iter - self._start_iter) % window] = loss
+
+    @property
+    def smoothed_loss(self) -> float:
+        if not self._losses:
+            return 0.0
+        return float(torch.stack(self._losses).float().mean())
+
+    def _display(self, values: list) -> None:
+        now = time.perf_counter()
+        lapse = now - self._timer
+        per_s = (self.iter - self._iter_last) / (lapse or 1)
+        loss = self.smoothed_loss
+        log.info("Iteration %d (%g iter/s, %gs/%d iters), loss = %g", self.iter, per_s,
+                 lapse, self.param.display, loss)
+        self._timer, self._iter_last = now, self.iter
+        module = self.train_module
+        labels = output_labels(module, values)
+        scores = flat_outputs(module, values).tolist()
+        for i, ((name, weight), value) in enumerate(zip(labels, scores)):
+            log.info("    Train net output #%d: %s", i, score_line(value, name, weight))
+        self._display_record = {"event": "train", "iter": self.iter, "loss": loss,
+                                "iter_per_s": per_s, "outputs": group_scores(labels, scores)}
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+
+    def _request(self) -> str:
+        return self.action() if self.action is not None else NONE
+
+    # -- the update ----------------------------------------------------------------------
+    def apply_update(self, display: bool = False) -> None:
+        """Caffe's SGDSolver::ApplyUpdate, then count the iteration."""
+        rate, self.current_step = self._policy(self.iter, self.current_step)
+        if display:
+            log.info("Iteration %d, lr = %g", self.iter, rate)
+            self._emit_display(rate)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+        with torch.no_grad():
+            self._clip(grads)
+            if self.param.iter_size > 1:
+                torch._foreach_mul_(grads, f32(np.float32(1) / np.float32(self.param.iter_size)))
+            self._regularize(grads)
+            self._rule.apply(grads, self._local_rates(rate), self.iter)
+            if display and self.param.debug_info:
+                update_debug(self.train_module, grads)
+            torch._foreach_sub_(self._params, grads)
+        self.iter += 1
+
+    def _emit_display(self, rate: float) -> None:
+        record, self._display_record = self._display_record, None
+        if record is not None and self._json is not None:
+            record["lr"] = rate
+            record["time"] = time.time()
+            self._json.write(record, self._restored)
+
+    def _clip(self, grads: list[torch.Tensor]) -> None:
+        clip = self.param.clip_gradients
+        if clip < 0 or not grads:
+            return
+        norm = float(torch.stack(torch._foreach_norm(grads)).square().sum().sqrt())
+        if norm > clip:
+            scale = f32(np.float32(clip) / np.float32(norm))
+            log.info("Gradient clipping: scaling down gradients (L2 norm %g > %g) by scale "
+                     "factor %g", norm, clip, scale)
+            torch._foreach_mul_(grads, scale)
+
+    def _regularize(self, grads: list[torch.Tensor]) -> None:
+        if not self._decayed:
+            return
+        params = [self._params[i] for i in self._decayed]
+        if self.param.regularization_type == "L1":
+            params = torch._foreach_sign(params)
+        torch._foreach_add_([grads[i] for i in self._decayed],
+                            torch._foreach_mul(params, self._decays))
+
+    def _local_rates(self, rate: float) -> list[float]:
+        if rate != self._rates_for:
+            self._rates_for = rate
+            self._rates = [f32(np.float32(rate) * m) for m in self._lr_mults]
+        return self._rates
+
+    # -- testing -------------------------------------------------------------------------
+    def test_all(self) -> list[dict]:
+        results = []
+        for i in range(len(self.test_modules)):
+            if self.requested_early_exit:
+                break
+            results.append(self.test(i))
+        return results
+
+    def test(self, index: int = 0) -> dict:
+        """Caffe's Solver::Test: mean of each output element over test_iter batches."""
+        log.info("Iteration %d, Testing net (#%d)", self.iter, index)
+        iters = self.param.test_iter[index]
+        module = self.test_modules[index]
+        sums, loss, labels = None, 0.0, []
+        with torch.no_grad():
+            for _ in range(iters):
+                if self._test_interrupted():
+                    log.info("Test interrupted.")
+                    return {}
+                values, batch_loss = self._forward(index + 1)
+                if self.param.debug_info:
+                    forward_debug(module, values)
+                if self.param.test_compute_loss and batch_loss is not None:
+                    loss += float(batch_loss)
+                flat = flat_outputs(module, values)
+                if sums is None:
+                    sums, labels = flat.clone(), output_labels(module, values)
+                else:
+                    sums += flat
+        return self._report_test(index, iters, sums, loss, labels)
+
+    def _report_test(self, index: int, iters: int, sums, loss: float, labels) -> dict:
+        record = {"event": "test", "iter": self.iter, "net": index}
+        if self.param.test_compute_loss:
+            loss = f32(np.float32(loss) / np.float32(iters))
+            log.info("Test loss: %g", loss)
+            record["loss"] = loss
+        means = (sums / iters).tolist() if sums is not None else []
+        for i, ((name, weight), value) in enumerate(zip(labels, means)):
+            log.info("    Test net output #%d: %s", i, score_line(value, name, weight))
+        record["outputs"] = group_scores(labels, means)
+        if self._json is not None:
+            record["time"] = time.time()
+            self._json.write(record, self._restored)
+        return record["outputs"]
+
+    def _test_interrupted(self) -> bool:
+        while (request := self._request()) != NONE:
+            if request == SNAPSHOT:
+                self.snapshot()
+            elif request == STOP:
+                self.requested_early_exit = True
+        return self.requested_early_exit
+
+    # -- solving ----------------------------------------------------------------------------
+    def solve(self, resume_file: str | None = None) -> None:
+        """Caffe's Solver::Solve: (restore,) step to max_iter, snapshot, final display/test."""
+        log.info("Solving %s", self.train_module.name)
+        log.info("Learning Rate Policy: %s", self.param.lr_policy)
+        self.requested_early_exit = False
+        if resume_file:
+            log.info("Restoring previous solver status from %s", resume_file)
+            self.restore(resume_file)
+        try:
+            with _progress(self):
+                self.step(self.param.max_iter - self.iter)
+            self._finish()
+        finally:
+            if self._json is not None:
+                self._json.close()
+
+    def _finish(self) -> None:
+        p = self.param
+        if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
+            self.snapshot()
+        if self.requested_early_exit:
+            log.info("Optimization stopped early.")
+            return
+        if p.display and self.iter % p.display == 0:
+            with torch.no_grad():
+                _, loss = self._forward(0)
+            self._smooth(loss.detach() if loss is not None else torch.zeros(()))
+            log.info("Iteration %d, loss = %g", self.iter, self.smoothed_loss)
+        if p.test_interval and self.iter % p.test_interval == 0:
+            self.test_all()
+        log.info("Optimization Done.")
+
+    # -- snapshots --------------------------------------------------------------------------
+    def snapshot(self) -> str:
+        """Write the model and the solver state for the current iteration; returns the
+        solver state's path."""
+        p = self.param
+        if not p.snapshot_prefix:
+            raise SolverError("cannot snapshot: snapshot_prefix is not set")
+        hdf5 = p.snapshot_format == SP.HDF5
+        kind = "HDF5" if hdf5 else "binary proto"
+        model = snapshot_filename(p.snapshot_prefix, self.iter,
+                                  ".caffemodel.h5" if hdf5 else ".caffemodel")
+        log.info("Snapshotting to %s file %s", kind, model)
+        save_caffemodel(self.train_module, model, write_diff=p.snapshot_diff)
+        state_path = snapshot_filename(p.snapshot_prefix, self.iter,
+                                       ".solverstate.h5" if hdf5 else ".solverstate")
+        log.info("Snapshotting solver state to %s file %s", kind, state_path)
+        history = [h.detach().cpu().numpy() for h in self._rule.history]
+        write_state(state_path, SolverStateData(self.iter, model, self.current_step, history))
+        return state_path
+
+    def restore(self, state_file: str) -> None:
+        """Resume from a .solverstate or .solverstate.h5 (Caffe's or ours)."""
+        state_file = os.fspath(state_file)
+        state = read_state(state_file)
+        self.iter = state.iter
+        if state.learned_net:
+            model = resolve_learned_net(state_file, state.learned_net)
+            copy_trained_layers(self.train_module.layers, read_weights(model), model,
+                                partial=model.endswith((".h5", ".hdf5")))
+        self.current_step = state.current_step
+        log.info("%s: restoring history", type(self).__name__)
+        load_history(self._rule.history, state.history, state_file)
+        self._restored = True
+
+
+class _progress:
+    """A tqdm bar over the remaining iterations while `solver.progress` is on, with
+    log lines routed through the bar so the two do not garble each other."""
+
+    def __init__(self, solver: Solver):
+        self.solver = solver
+        self.stack = None
+
+    def __enter__(self):
+        if not self.solver.progress:
+            return self
+        import contextlib
+
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+        self.stack = contextlib.ExitStack()
+        solver = self.solver
+        solver._bar = self.stack.enter_context(
+            tqdm(total=solver.param.max_iter, initial=solver.iter, unit="it",
+                 dynamic_ncols=True, desc="train"))
+        self.stack.enter_context(logging_redirect_tqdm())
+        return self
+
+    def __exit__(self, *exc):
+        if self.stack is not None:
+            self.solver._bar = None
+            self.stack.close()
+        return False
+
+
+# -- debug_info: Caffe's per-layer statistics ----------------------------------------------
+def _abs_mean(tensor: torch.Tensor) -> float:
+    return float(tensor.detach().abs().float().mean()) if tensor.numel() else 0.0
+
+
+def forward_debug(module: NetModule, values: list) -> None:
+    for step in module.steps:
+        name = module.layer_names[step.layer]
+        for t in step.tops:
+            if values[t] is not None:
+                log.info("    [Forward] Layer %s, top blob %s data: %g", name,
+                         module.blob_names[t], _abs_mean(values[t]))
+        for j, blob in enumerate(module.layers[step.layer].blobs):
+            log.info("    [Forward] Layer %s, param blob %d data: %g", name, j,
+                     _abs_mean(blob))
+
+
+def backward_debug(module: NetModule) -> None:
+    for step in reversed(module.steps):
+        layer = module.layers[step.layer]
+        for j, blob in enumerate(layer.blobs):
+            if blob.requires_grad and blob.grad is not None:
+                log.info("    [Backward] Layer %s, param blob %d diff: %g",
+                         layer.layer_name, j, _abs_mean(blob.grad))
+    params = [e.param for e in module.learnable]
+    if params:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        l1 = (sum(float(p.abs().sum()) for p in params), sum(float(g.abs().sum()) for g in grads))
+        l2 = (float(torch.stack(torch._foreach_norm(params)).norm()),
+              float(torch.stack(torch._foreach_norm(grads)).norm()))
+        log.info("    [Backward] All net params (data, diff): L1 norm = (%g, %g); "
+                 "L2 norm = (%g, %g)", l1[0], l1[1], l2[0], l2[1])
+
+
+def update_debug(module: NetModule, updates: Sequence[torch.Tensor]) -> None:
+    for entry, update in zip(module.learnable, updates):
+        log.info("    [Update] Layer %s, param %s data: %g; diff: %g", entry.layer,
+                 entry.name or entry.index, _abs_mean(entry.param), _abs_mean(update))
+
+
+def _copy(message):
+    duplicate = type(message)()
+    duplicate.CopyFrom(message)
+    return duplicate
+
+
+# -- pycaffe's solver classes --------------------------------------------------------------
+class SGDSolver(Solver):
+    rule_class = RULES["SGD"]
+
+
+class NesterovSolver(SGDSolver):
+    rule_class = RULES["Nesterov"]
+
+
+class AdaGradSolver(SGDSolver):
+    rule_class = RULES["AdaGrad"]
+
+
+class RMSPropSolver(SGDSolver):
+    rule_class = RULES["RMSProp"]
+
+
+class AdaDeltaSolver(SGDSolver):
+    rule_class = RULES["AdaDelta"]
+
+
+class AdamSolver(SGDSolver):
+    rule_class = RULES["Adam"]
+
+
+SOLVERS: dict[str, type[Solver]] = {
+    "SGD": SGDSolver, "Nesterov": NesterovSolver, "AdaGrad": AdaGradSolver,
+    "RMSProp": RMSPropSolver, "AdaDelta": AdaDeltaSolver, "Adam": AdamSolver,
+}
+
+
+def get_solver(param, device=None, **options) -> Solver:
+    """The solver class its `type` names (Caffe's SolverRegistry), built from a
+    prototxt path or a SolverParameter."""
+    param = _read_solver_param(param)
+    Solver._rule_for(param.type)
+    return SOLVERS[param.type](param, device, **options)
