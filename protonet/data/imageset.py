@@ -47,7 +47,11 @@ _LEADING_INT = re.compile(rb"\s*([+-]?\d+)")
 # --- image lists and image files ---------------------------------------------
 
 def read_image_list(path: str) -> list[tuple[str, int]]:
-    """'<path> <label>' lines split at the last space, labels read like C's atoi."""
+    """'<path> <label>' lines split at the last space, labels read like C's atoi.
+
+    As in Caffe, a line without a space is both path and label, and an empty line
+    is an entry with an empty path (its image then fails to read).
+    """
     try:
         with open(path, "rb") as f:
             raw_lines = f.read().split(b"\n")
@@ -58,12 +62,9 @@ def read_image_list(path: str) -> list[tuple[str, int]]:
     if raw_lines and raw_lines[-1] == b"":
         raw_lines.pop()             # the final newline ends a line, it starts none
     entries = []
-    for number, line in enumerate(raw_lines, 1):
-        if not line.strip():
-            raise DataError(f"{path}:{number}: empty line; every line needs "
-                            "'<image path> <label>'")
-        name, _, label = line.rpartition(b" ")
-        if not _:
+    for line in raw_lines:
+        name, space, label = line.rpartition(b" ")
+        if not space:
             name, label = line, line
         match = _LEADING_INT.match(label)
         entries.append((os.fsdecode(name), int(match.group(1)) if match else 0))
@@ -285,7 +286,7 @@ class _LevelDbWriter(_LmdbWriter):
 
     def __init__(self, path: str):
         plyvel = import_plyvel()
-        self.env = plyvel.DB(path, create_if_missing=True, error_if_exists=False,
+        self.env = plyvel.DB(path, create_if_missing=True, error_if_exists=True,
                              block_size=65536, write_buffer_size=268435456,
                              max_open_files=100)
         self.pending = []

@@ -66,6 +66,14 @@ class RecordCursor:
             self._pending = self._first()
         return record
 
+    def scan(self) -> Iterator[tuple[bytes, bytes]]:
+        """Every record once, in key order (independent of the endless walk)."""
+        return self._store.records()
+
+    def size_hint(self) -> int | None:
+        """The number of records where the backend knows it cheaply."""
+        return self._store.size_hint()
+
     def skip(self, count: int) -> None:
         for _ in range(count):
             self.next()
@@ -105,6 +113,9 @@ class _LmdbStore:
     def records(self) -> Iterator[tuple[bytes, bytes]]:
         return iter(self.txn.cursor())
 
+    def size_hint(self) -> int | None:
+        return self.env.stat()["entries"]
+
     def close(self) -> None:
         if self.env is not None:
             self.txn.abort()
@@ -139,6 +150,9 @@ class _LevelDbStore:
 
     def records(self) -> Iterator[tuple[bytes, bytes]]:
         return self.snapshot.iterator()
+
+    def size_hint(self) -> int | None:
+        return None
 
     def close(self) -> None:
         if not self.db.closed:

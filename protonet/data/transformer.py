@@ -79,15 +79,22 @@ class DataTransformer:
         self.crop_size = int(param.crop_size)
         self.scale = float(np.float32(param.scale))
         self.random_crop = phase == TRAIN and self.crop_size > 0
-        self.mirror = bool(param.mirror) and (phase == TRAIN or mirror_in_test)
+        self.phase = phase
+        self.mirror_requested = bool(param.mirror)
+        self.mirror_in_test = mirror_in_test
         self.force_color = bool(param.force_color)
         self.force_gray = bool(param.force_gray)
         self.mean_image = load_mean_file(param.mean_file) if param.HasField(
             "mean_file") else None
         self.mean_values = (np.asarray(param.mean_value, dtype=np.float32)
                             if len(param.mean_value) else None)
-        self._rng = _seeded_rng() if self.mirror or self.random_crop else None
+        self._rng = _seeded_rng() if self.mirror_requested or self.random_crop else None
         self._device_means: dict[torch.device, torch.Tensor] = {}
+
+    @property
+    def mirror(self) -> bool:
+        """Whether items get a mirror coin flip: Caffe's rule unless opted out in TEST."""
+        return self.mirror_requested and (self.phase == TRAIN or self.mirror_in_test)
 
     # -- per record (decode threads) ------------------------------------------------
     def draw(self, count: int) -> np.ndarray:

@@ -63,6 +63,17 @@ class ConvGeometry:
         return self.stride[i] * (size - 1) + extent - 2 * self.pad[i]
 
 
+def spatial_setup(layer: Layer, shape) -> tuple[int, ConvGeometry]:
+    """The channel axis and the geometry of layer's convolution_param for this bottom."""
+    p = layer.param.convolution_param
+    axis = layer.canonical_axis(p.axis, len(shape))
+    spatial = len(shape) - axis - 1
+    if spatial not in _CONV:
+        raise layer.shape_error(f"supports 1 to 3 spatial axes after channel axis {axis}; "
+                                f"bottom {list(shape)} has {spatial}")
+    return axis, ConvGeometry(layer, p, spatial)
+
+
 class _BaseConvolution(Layer):
     min_bottoms = 1
     min_tops = 1
@@ -72,12 +83,7 @@ class _BaseConvolution(Layer):
     def setup(self, bottom_shapes):
         p = self.param.convolution_param
         shape = bottom_shapes[0]
-        self.axis = self.canonical_axis(p.axis, len(shape))
-        spatial = len(shape) - self.axis - 1
-        if spatial not in _CONV:
-            raise self.shape_error(f"supports 1 to 3 spatial axes after channel axis "
-                                   f"{self.axis}; bottom {list(shape)} has {spatial}")
-        self.geometry = ConvGeometry(self, p, spatial)
+        self.axis, self.geometry = spatial_setup(self, shape)
         channels = shape[self.axis]
         self.group = p.group
         if p.num_output <= 0:
@@ -162,14 +168,10 @@ class Im2col(Layer):
     exact_tops = 1
 
     def setup(self, bottom_shapes):
-        p = self.param.convolution_param
         shape = bottom_shapes[0]
-        self.axis = self.canonical_axis(p.axis, len(shape))
-        spatial = len(shape) - self.axis - 1
-        if spatial not in _CONV:
-            raise self.shape_error(f"supports 1 to 3 spatial axes; bottom {list(shape)}")
-        self.geometry = ConvGeometry(self, p, spatial)
+        self.axis, self.geometry = spatial_setup(self, shape)
         self.channels = shape[self.axis]
+        spatial = self.geometry.n
         taps = math.prod(self.geometry.kernel)
         eye = torch.eye(taps, dtype=torch.float32).reshape((taps, 1) + self.geometry.kernel)
         self.register_buffer("one_hot", eye.repeat((self.channels,) + (1,) * (spatial + 1)),
