@@ -66,21 +66,26 @@ class Blob:
     def count(self) -> int:
         return int(np.prod(self.shape))
 
+    def _legacy(self, axis: int) -> int:
+        """Caffe's LegacyShape: 1 for an axis the blob does not have."""
+        shape = self.shape
+        return shape[axis] if axis < len(shape) else 1
+
     @property
     def num(self) -> int:
-        return self.shape[0]
+        return self._legacy(0)
 
     @property
     def channels(self) -> int:
-        return self.shape[1]
+        return self._legacy(1)
 
     @property
     def height(self) -> int:
-        return self.shape[2]
+        return self._legacy(2)
 
     @property
     def width(self) -> int:
-        return self.shape[3]
+        return self._legacy(3)
 
     def reshape(self, *dims: int) -> None:
         """Give the blob a new shape (zeros); follow with net.reshape() for the rest."""

@@ -10,6 +10,7 @@ import re
 import warnings
 from typing import Callable, TypeVar
 
+from google.protobuf import descriptor as pb_descriptor
 from google.protobuf import message as pb_message
 from google.protobuf import text_format
 
@@ -19,8 +20,14 @@ from .atomic import atomic_write
 M = TypeVar("M", bound=pb_message.Message)
 
 _NO_FIELD = re.compile(r'Message type "([\w.]+)" has no field named "(\w+)"')
-_NO_ENUM = re.compile(r'Enum type "([\w.]+)" has no value named (\w+)')
+_NO_ENUM = re.compile(r'Enum type "([\w.]+)" has no value (?:named|with number) ([\w-]+)')
 _PREFIX = re.compile(r"^\d+:\d+ : (?:'[^\n]*?': )?")
+# Errors about the value given to a field: the hint names the field and its type.
+_BAD_VALUE = re.compile(r"^(Couldn't parse|Expected (string|\"true\"|\":\")|Value out of range"
+                        r"|Invalid)")
+_FIELD_BEFORE = re.compile(r"(\w+)\s*:?\s*$")
+# Bytes that never occur in a prototxt (only in binary files decoded as text).
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1a\x1c-\x1f]")
 
 
 def _ceil_mode(value: str) -> str:
@@ -49,7 +56,7 @@ def parse_text(text: str, message: M, path: str | None = None) -> M:
         except text_format.ParseError as e:
             rewritten = _rewrite_fork_field(text, e, path)
             if rewritten is None:
-                raise _located(e, message, path) from None
+                raise _located(e, message, path, text) from None
             text = rewritten
     raise ParseError("too many fork fields to rewrite", path)
 
@@ -77,10 +84,16 @@ def _read_file(path: str) -> str:
     except OSError as e:
         raise ParseError(f"cannot read ({e.strerror})", path) from None
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ParseError(f"not UTF-8 text (byte {e.start}); is this a binary "
                          "file? Binary protos are read with read_binary", path) from None
+    control = _CONTROL.search(text)
+    if control:
+        raise ParseError(f"control character {control.group()!r} at byte "
+                         f"{len(text[:control.start()].encode('utf-8'))}; is this a binary "
+                         "file? Binary protos are read with read_binary", path)
+    return text
 
 
 def _offset(text: str, line: int, column: int) -> int:
@@ -114,8 +127,9 @@ def _rewrite_fork_field(text: str, error: text_format.ParseError,
 
 
 def _located(error: text_format.ParseError, message: pb_message.Message,
-             path: str | None) -> ParseError:
+             path: str | None, text: str) -> ParseError:
     detail = _PREFIX.sub("", str(error))
+    line, column = error.GetLine(), error.GetColumn()
     hint = ""
     field = _NO_FIELD.search(detail)
     enum = _NO_ENUM.search(detail)
@@ -129,7 +143,85 @@ def _located(error: text_format.ParseError, message: pb_message.Message,
         desc = _find_enum(message.DESCRIPTOR, enum.group(1))
         if desc is not None:
             hint = "; valid values: " + ", ".join(v.name for v in desc.values)
-    return ParseError(detail + hint, path, error.GetLine(), error.GetColumn())
+    elif line is not None and _BAD_VALUE.match(detail):
+        before = _FIELD_BEFORE.search(text[:_offset(text, line, column)])
+        if before:
+            kinds = _field_kinds(message.DESCRIPTOR, before.group(1))
+            hint = f" (in the value of field '{before.group(1)}'" + (
+                f", which takes {kinds.pop()})" if len(kinds) == 1 else ")")
+    elif detail.startswith('Expected "}"'):
+        opened = _unclosed_block(text)
+        if opened is not None:
+            hint = (f" (the text ends inside '{opened[0]}', opened at "
+                    f"{opened[1]}:{opened[2]} and never closed)")
+    return ParseError(detail + hint, path, line, column)
+
+
+_SCALAR_KINDS = {
+    pb_descriptor.FieldDescriptor.TYPE_DOUBLE: "a double",
+    pb_descriptor.FieldDescriptor.TYPE_FLOAT: "a float",
+    pb_descriptor.FieldDescriptor.TYPE_INT64: "an int64",
+    pb_descriptor.FieldDescriptor.TYPE_UINT64: "a uint64",
+    pb_descriptor.FieldDescriptor.TYPE_INT32: "an int32",
+    pb_descriptor.FieldDescriptor.TYPE_UINT32: "a uint32",
+    pb_descriptor.FieldDescriptor.TYPE_BOOL: "true or false",
+    pb_descriptor.FieldDescriptor.TYPE_STRING: "a quoted string",
+    pb_descriptor.FieldDescriptor.TYPE_BYTES: "a quoted string",
+}
+
+
+def _field_kinds(root, name: str) -> set[str]:
+    """What fields called `name` (in messages reachable from `root`) take."""
+    kinds: set[str] = set()
+    seen: set[str] = set()
+    stack = [root]
+    while stack:
+        desc = stack.pop()
+        if desc.full_name in seen:
+            continue
+        seen.add(desc.full_name)
+        for f in desc.fields:
+            if f.message_type is not None:
+                stack.append(f.message_type)
+            if f.name != name:
+                continue
+            if f.enum_type is not None:
+                kinds.add("one of " + ", ".join(v.name for v in f.enum_type.values))
+            elif f.message_type is not None:
+                kinds.add("a message { ... }")
+            else:
+                kinds.add(_SCALAR_KINDS.get(f.type, "a scalar"))
+    return kinds
+
+
+def _unclosed_block(text: str) -> tuple[str, int, int] | None:
+    """(field name, line, column) of the innermost '{' or '<' left open at the end."""
+    stack: list[tuple[str, int, int]] = []
+    line, column, i, n = 1, 1, 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in "\"'":                      # skip a string literal, escapes included
+            j = i + 1
+            while j < n and text[j] not in (c, "\n"):
+                j += 2 if text[j] == "\\" else 1
+            column += j + 1 - i
+            i = j + 1
+            continue
+        if c == "#":                         # a comment runs to the end of the line
+            j = text.find("\n", i)
+            i = n if j < 0 else j
+            continue
+        if c in "{<":
+            name = _FIELD_BEFORE.search(text[:i])
+            stack.append((name.group(1) if name else "?", line, column))
+        elif c in "}>" and stack:
+            stack.pop()
+        if c == "\n":
+            line, column = line + 1, 1
+        else:
+            column += 1
+        i += 1
+    return stack[-1] if stack else None
 
 
 def _find_message(root, full_name: str):
