@@ -15,6 +15,7 @@ we raise a NetError (or SolverError) naming the file and layer instead.
 from __future__ import annotations
 
 import os
+import logging
 import warnings
 
 from google.protobuf.message import Message
@@ -240,8 +241,9 @@ def _upgrade_owned(net: caffe_pb2.NetParameter,
         _warn(source, "replaced net-level input fields by an Input layer")
     if net_needs_batch_norm_upgrade(net):
         upgrade_batch_norm(net)
-        _warn(source, "set lr_mult and decay_mult to 0 on the param specs of "
-                      "BatchNorm layers")
+        # Caffe itself saves BatchNorm layers this way, so this is news, not a warning.
+        logging.getLogger("protonet").info(
+            "%s: set lr_mult and decay_mult to 0 on BatchNorm param specs", source)
     return net
 
 

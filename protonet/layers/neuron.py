@@ -215,21 +215,19 @@ class Threshold(Neuron):
 @register("Dropout")
 class Dropout(Neuron):
     """TRAIN: keep each unit with probability 1 - p and scale kept units by 1/(1 - p);
-    TEST: identity. With a fork's scale_train false, TRAIN does not scale and TEST
-    multiplies by 1 - p instead."""
+    TEST: identity (a copy, so top and bottom stay separate blobs)."""
 
     def setup(self, bottom_shapes):
         p = self.param.dropout_param
         if not 0 <= p.dropout_ratio < 1:
             raise self.error(f"dropout_ratio must be in [0, 1), got {p.dropout_ratio}")
-        self.scale_train = getattr(p, "scale_train", True)
 
     def forward(self, x):
         ratio = self.param.dropout_param.dropout_ratio
         if self.phase == caffe_pb2.TRAIN:
             mask = torch.empty_like(x).bernoulli_(1.0 - ratio)
-            return x * mask * (1.0 / (1.0 - ratio)) if self.scale_train else x * mask
-        return x.clone() if self.scale_train else x * (1.0 - ratio)
+            return x * mask * (1.0 / (1.0 - ratio))
+        return x.clone()
 
 
 @register("Clip")

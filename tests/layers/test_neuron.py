@@ -337,19 +337,6 @@ def test_dropout_test_is_an_identity_copy():
     np.testing.assert_array_equal(net.blobs["x"].diff, dy)
 
 
-@pytest.mark.parametrize("phase", [protonet.TRAIN, protonet.TEST])
-def test_dropout_without_scale_train(phase):
-    layer = make_layer('name: "L" type: "Dropout" dropout_param { dropout_ratio: 0.25 }',
-                       (1000,), phase)
-    layer.scale_train = False     # a fork's field, read in setup when the schema has it
-    x = torch.ones(1000)
-    y = layer(x)
-    if phase == protonet.TRAIN:
-        assert set(y.unique().tolist()) <= {0.0, 1.0}
-    else:
-        torch.testing.assert_close(y, torch.full((1000,), 0.75))
-
-
 @pytest.mark.parametrize("ratio", [1.0, -0.1])
 def test_dropout_ratio_out_of_range(ratio):
     expect_error(layer_text("Dropout", f"dropout_param {{ dropout_ratio: {ratio} }}"), (2,),
