@@ -210,7 +210,8 @@ def test_three_param_batch_norm_gets_zero_multipliers():
     expected = """layer { name: "bn" type: "BatchNorm" bottom: "x" top: "x"
                           param { lr_mult: 0 decay_mult: 0 } param { lr_mult: 0 decay_mult: 0 }
                           param { name: "k" lr_mult: 0 decay_mult: 0 } }"""
-    assert_same(upgraded(old), net(expected))
+    assert net_needs_upgrade(net(old))
+    assert_same(upgrade_net(net(old), "old.prototxt"), net(expected))
 
 
 def test_current_net_is_left_alone_and_input_is_not_changed():
