@@ -214,6 +214,18 @@ def test_fork_ceil_mode_builds_a_floor_pooling_net():
     assert net.blobs["pool"].shape == (1, 1, 2, 2)     # CEIL would give 3x3
 
 
+def test_fork_ceil_mode_with_tabs_crlf_and_unicode_before_it():
+    text = ('name: "réseau"\r\n# é ceil_mode: true\r\n'
+            'layer {\tname: "é"\ttype: "Pooling" pooling_param {\tpool: AVE\t'
+            'ceil_mode:\r\n  false\tkernel_size: 2 } }\r\n')
+    with pytest.warns(UserWarning, match=r"<string>:3:"):
+        net = parse_text(text, caffe_pb2.NetParameter())
+    p = net.layer[0].pooling_param
+    assert (p.pool, p.kernel_size, p.round_mode) == (
+        caffe_pb2.PoolingParameter.AVE, 2, caffe_pb2.PoolingParameter.FLOOR)
+    assert net.name == "réseau" and net.layer[0].name == "é"
+
+
 def test_fork_ceil_mode_with_a_bad_value_is_located():
     with pytest.raises(protonet.ParseError) as info:
         parse_text('layer {\n pooling_param { ceil_mode: maybe } }', caffe_pb2.NetParameter(),
@@ -436,3 +448,27 @@ def test_write_text_into_a_directory_path_fails_cleanly(tmp_path):
     assert re.search(re.escape(str(target)), str(info.value))
     assert target.is_dir()
     assert _leftovers(tmp_path) == []
+
+
+def test_atomic_write_gives_files_the_usual_permissions(tmp_path):
+    # mkstemp makes 0600 files; a written prototxt or caffemodel must not be private.
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "net.prototxt"
+        write_text(str(path), caffe_pb2.NetParameter(name="x"))
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.umask(0o027)
+        model = tmp_path / "w.caffemodel"
+        write_binary(str(model), _binary_net())
+        assert model.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_atomic_write_keeps_the_mode_of_the_file_it_replaces(tmp_path):
+    path = tmp_path / "solver.prototxt"
+    path.write_text("old")
+    path.chmod(0o604)
+    atomic_write(str(path), "new")
+    assert path.read_text() == "new"
+    assert path.stat().st_mode & 0o777 == 0o604

@@ -24,6 +24,9 @@ def atomic_path(path: str) -> Iterator[str]:
                                suffix=".tmp", dir=directory)
     os.close(fd)
     try:
+        # mkstemp makes the file 0600; give it the mode a plain open() would have
+        # (or the mode of the file it replaces), so other users can still read it.
+        os.chmod(tmp, _target_mode(path))
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -50,6 +53,15 @@ def atomic_call(path: str, writer: Callable[[str], None]) -> None:
     """Let `writer(tmp_path)` produce the file, then move it into place."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def _target_mode(path: str) -> int:
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _fsync_dir(directory: str) -> None:

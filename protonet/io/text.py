@@ -27,7 +27,7 @@ _BAD_VALUE = re.compile(r"^(Couldn't parse|Expected (string|\"true\"|\":\")|Valu
                         r"|Invalid)")
 _FIELD_BEFORE = re.compile(r"(\w+)\s*:?\s*$")
 # Bytes that never occur in a prototxt (only in binary files decoded as text).
-_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1a\x1c-\x1f]")
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f]")
 
 
 def _ceil_mode(value: str) -> str:
@@ -144,10 +144,10 @@ def _located(error: text_format.ParseError, message: pb_message.Message,
         if desc is not None:
             hint = "; valid values: " + ", ".join(v.name for v in desc.values)
     elif line is not None and _BAD_VALUE.match(detail):
-        before = _FIELD_BEFORE.search(text[:_offset(text, line, column)])
-        if before:
-            kinds = _field_kinds(message.DESCRIPTOR, before.group(1))
-            hint = f" (in the value of field '{before.group(1)}'" + (
+        name = _field_before(text, _offset(text, line, column))
+        if name:
+            kinds = _field_kinds(message.DESCRIPTOR, name)
+            hint = f" (in the value of field '{name}'" + (
                 f", which takes {kinds.pop()})" if len(kinds) == 1 else ")")
     elif detail.startswith('Expected "}"'):
         opened = _unclosed_block(text)
@@ -196,7 +196,7 @@ def _field_kinds(root, name: str) -> set[str]:
 
 def _unclosed_block(text: str) -> tuple[str, int, int] | None:
     """(field name, line, column) of the innermost '{' or '<' left open at the end."""
-    stack: list[tuple[str, int, int]] = []
+    stack: list[tuple[int, int, int]] = []      # (offset, line, column) of each opening
     line, column, i, n = 1, 1, 0, len(text)
     while i < n:
         c = text[i]
@@ -204,16 +204,17 @@ def _unclosed_block(text: str) -> tuple[str, int, int] | None:
             j = i + 1
             while j < n and text[j] not in (c, "\n"):
                 j += 2 if text[j] == "\\" else 1
-            column += j + 1 - i
-            i = j + 1
+            j = j + 1 if j < n and text[j] == c else j   # past the closing quote
+            column += j - i
+            i = j
             continue
         if c == "#":                         # a comment runs to the end of the line
             j = text.find("\n", i)
+            column += (n if j < 0 else j) - i
             i = n if j < 0 else j
             continue
         if c in "{<":
-            name = _FIELD_BEFORE.search(text[:i])
-            stack.append((name.group(1) if name else "?", line, column))
+            stack.append((i, line, column))
         elif c in "}>" and stack:
             stack.pop()
         if c == "\n":
@@ -221,7 +222,17 @@ def _unclosed_block(text: str) -> tuple[str, int, int] | None:
         else:
             column += 1
         i += 1
-    return stack[-1] if stack else None
+    if not stack:
+        return None
+    offset, line, column = stack[-1]
+    name = _field_before(text, offset)
+    return (name or "?", line, column)
+
+
+def _field_before(text: str, offset: int) -> str | None:
+    """The field name just before `offset` ('name:' or 'name {')."""
+    found = _FIELD_BEFORE.search(text[max(0, offset - 256):offset])
+    return found.group(1) if found else None
 
 
 def _find_message(root, full_name: str):

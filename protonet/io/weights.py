@@ -65,11 +65,27 @@ def _numpy(value) -> np.ndarray:
 
 
 def read_weights(path: str) -> caffe_pb2.NetParameter:
-    """A NetParameter with blobs, from a .caffemodel (any version) or .h5 file."""
-    if str(path).endswith((".h5", ".hdf5")):
+    """A NetParameter with blobs, from a .caffemodel (any version) or HDF5 file.
+
+    HDF5 is recognised by its name (.h5, .hdf5) or, as Caffe does, by its content.
+    A param the HDF5 file lacks (Caffe does not write shared params) is an empty
+    BlobProto at its index; see `copy_trained_layers`.
+    """
+    if str(path).endswith((".h5", ".hdf5")) or _is_hdf5(path):
         return _read_hdf5(path)
     from .upgrade import read_net_binary
     return read_net_binary(path)
+
+
+def _is_hdf5(path: str) -> bool:
+    """Caffe's H5Fis_hdf5 test, false for anything that cannot be opened."""
+    if not os.path.isfile(path):
+        return False
+    import h5py
+    try:
+        return bool(h5py.is_hdf5(path))
+    except (OSError, ValueError):
+        return False
 
 
 def _read_hdf5(path: str) -> caffe_pb2.NetParameter:
@@ -82,8 +98,15 @@ def _read_hdf5(path: str) -> caffe_pb2.NetParameter:
             for name, group in f["data"].items():
                 layer = net.layer.add()
                 layer.name = name
-                for key in sorted(group.keys(), key=int):
-                    array_to_blob(np.asarray(group[key], dtype=np.float32), layer.blobs.add())
+                try:
+                    indices = {int(key): key for key in group.keys()}
+                except ValueError:
+                    raise ParseError(f"group data/{name} holds datasets not named by "
+                                     f"param index: {sorted(group.keys())}", path) from None
+                for j in range(max(indices) + 1 if indices else 0):
+                    blob = layer.blobs.add()        # stays empty where the file has none
+                    if j in indices:
+                        array_to_blob(np.asarray(group[indices[j]], dtype=np.float32), blob)
     except FileNotFoundError:
         raise ParseError("file not found", path) from None
     except OSError as e:
@@ -95,9 +118,17 @@ def copy_trained_layers(layers: Iterable, source: caffe_pb2.NetParameter,
                         path: str = "weights", partial: bool = False) -> list[str]:
     """Copy blobs from `source` into same-named layers; returns the names copied.
 
-    `partial` accepts fewer blobs than the layer has (HDF5 files omit shared params).
+    A param the file lacks is fine when the net shares it from another layer, and an
+    error otherwise (Caffe's CopyTrainedLayersFromHDF5). Lacking means an empty
+    BlobProto (which Caffe's binary writer never produces) or, with `partial` (HDF5
+    files), an index past the layer's last blob in the file.
     """
+    layers = list(layers)
     by_name = {layer.layer_name: layer for layer in layers}
+    owner: dict[int, tuple[str, int]] = {}      # stored param -> first (layer, index)
+    for layer in layers:
+        for j in range(len(layer.blobs)):
+            owner.setdefault(id(_stored_param(layer, j)), (layer.layer_name, j))
     copied = []
     for src in source.layer:
         target = by_name.get(src.name)
@@ -109,21 +140,37 @@ def copy_trained_layers(layers: Iterable, source: caffe_pb2.NetParameter,
                 partial and len(src.blobs) < len(target.blobs)):
             raise WeightsError(f"{path}: layer '{src.name}' has {len(src.blobs)} blob(s) "
                                f"in the file, but the net's layer has {len(target.blobs)}")
-        for j, blob in enumerate(src.blobs):
-            mine = target.blobs[j]
+        for j in range(len(target.blobs)):
+            stored = _stored_param(target, j)
+            if j >= len(src.blobs) or not src.blobs[j].ListFields():
+                if owner[id(stored)] != (src.name, j):
+                    continue                    # shared: the owner's entry fills it
+                raise WeightsError(f"{path}: layer '{src.name}' lacks param {j}, which "
+                                   "the net's layer owns (not shared from another layer)")
+            blob = src.blobs[j]
+            mine = tuple(target.blobs[j].shape)     # the layer's own view of the param
             theirs = blob_shape(blob)
-            if not _shapes_match(tuple(mine.shape), theirs):
+            if not _shapes_match(mine, theirs):
                 raise WeightsError(
                     f"{path}: cannot copy param {j} of layer '{src.name}': the file has "
-                    f"shape {list(theirs)}, the net expects {list(mine.shape)}. To learn "
+                    f"shape {list(theirs)}, the net expects {list(mine)}. To learn "
                     "this layer's parameters from scratch rather than copying them, "
                     "rename the layer.")
             values = blob_to_array(blob, where=f"{path}: layer '{src.name}' param {j}")
             with torch.no_grad():
-                mine.copy_(torch.from_numpy(values.reshape(tuple(mine.shape))))
+                stored.copy_(torch.from_numpy(values.reshape(tuple(stored.shape))))
         if src.blobs:
             copied.append(src.name)
     return copied
+
+
+def _stored_param(layer, index: int) -> torch.Tensor:
+    """The Parameter behind layer.blobs[index]; a PERMISSIVE sharer sees its owner's
+    through a reshape parametrization (protonet.net.module)."""
+    parametrizations = getattr(layer.blobs, "parametrizations", None)
+    if parametrizations is not None and str(index) in parametrizations:
+        return parametrizations[str(index)].original
+    return layer.blobs[index]
 
 
 def _shapes_match(mine: tuple[int, ...], theirs: tuple[int, ...]) -> bool:
@@ -180,4 +227,3 @@ def save_hdf5(module, path: str, write_diff: bool = False) -> None:
                         grad = p.grad if p.grad is not None else torch.zeros_like(p)
                         gd.create_dataset(str(j), data=_numpy(grad))
     atomic_call(path, write)
-    os.chmod(path, 0o644)
