@@ -57,7 +57,12 @@ class DataError(ProtonetError):
 
 def closest(name: str, choices: Iterable[str], n: int = 3) -> str:
     """A ' (did you mean ...?)' hint, or '' when nothing is close."""
-    matches = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.6)
+    choices = list(choices)
+    matches = difflib.get_close_matches(name, choices, n=n, cutoff=0.6)
+    if not matches:   # case-only typos ('Relu' for 'ReLU') rank low by plain ratio
+        by_lower = {c.lower(): c for c in choices}
+        matches = [by_lower[m] for m in
+                   difflib.get_close_matches(name.lower(), list(by_lower), n=n, cutoff=0.6)]
     if not matches:
         return ""
     return " (did you mean " + " or ".join(f"'{m}'" for m in matches) + "?)"

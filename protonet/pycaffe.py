@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 
 from .errors import NetError, ProtonetError
 from .io.upgrade import read_net
-from .io.weights import copy_trained_layers, read_weights, save_caffemodel
+from .io.weights import copy_trained_layers, is_hdf5, read_weights, save_caffemodel
 from .net.module import NetModule
 from .proto import caffe_pb2
 
@@ -40,27 +40,24 @@ class Blob:
 
     @property
     def data(self) -> np.ndarray:
-        return _view(self._net._values[self._id])
+        return _view(self._net._value(self._id))
 
     @data.setter
     def data(self, value) -> None:
-        target = self._net._values[self._id]
         with torch.no_grad():
-            target.copy_(torch.as_tensor(np.asarray(value, dtype=np.float32)))
+            self._net._value(self._id).copy_(torch.as_tensor(np.asarray(value, np.float32)))
 
     @property
     def diff(self) -> np.ndarray:
-        value = self._net._diffs[self._id]
-        if value is None:
-            value = torch.zeros(self.shape, dtype=torch.float32)
-            self._net._diffs[self._id] = value
-        return _view(value)
+        return _view(self._net._diff(self._id))
+
+    @diff.setter
+    def diff(self, value) -> None:
+        self._net._diff(self._id).copy_(torch.as_tensor(np.asarray(value, np.float32)))
 
     @property
     def shape(self) -> tuple[int, ...]:
-        value = self._net._values[self._id]
-        return tuple(value.shape) if value is not None else \
-            self._net.module.blob_shapes[self._id]
+        return tuple(self._net._value(self._id).shape)
 
     @property
     def count(self) -> int:
@@ -166,6 +163,15 @@ class LayerView:
         return f"Layer({self.name!r}, type={self.type!r})"
 
 
+def _leaves_of(layer) -> list[torch.nn.Parameter]:
+    """A layer's stored params (for a PERMISSIVE share, the owner's Parameter)."""
+    return [ParamBlob(layer, i)._leaf for i in range(len(layer.blobs))]
+
+
+def _unique(tensors: list) -> list:
+    return list({id(t): t for t in tensors}.values())
+
+
 class Net:
     """A Caffe net for scripts: `Net(prototxt, phase)` or `Net(prototxt, weights, phase)`."""
 
@@ -203,8 +209,8 @@ class Net:
         self.device = device
         self._values: list[torch.Tensor | None] = [None] * len(self.module.blob_names)
         self._diffs: list[torch.Tensor | None] = [None] * len(self.module.blob_names)
-        self._loss: torch.Tensor | None = None
-        self._leaves: dict[int, torch.Tensor] = {}
+        self._loss_weight = {step.tops[pos]: weight for step in module.steps
+                             for pos, weight in step.losses}
         for i in self.module.input_ids:
             self._set_blob(i, torch.zeros(self.module.blob_shapes[i], device=self.device))
 
@@ -254,97 +260,108 @@ class Net:
             if name not in self.inputs:
                 raise NetError(f"'{name}' is not an input blob; inputs are {self.inputs}")
             value = np.asarray(value, dtype=np.float32)
-            current = self._values[self.module.blob_index[name]]
-            if current is None or tuple(current.shape) != value.shape:
+            current = self._value(self.module.blob_index[name])
+            if tuple(current.shape) != value.shape:
                 raise NetError(f"input '{name}' has shape {list(value.shape)}, the blob "
-                               f"{list(current.shape) if current is not None else None}; "
-                               "reshape the blob first")
+                               f"{list(current.shape)}; reshape the blob first")
             self.blobs[name].data = value
         first = self._layer_index(start) if start is not None else 0
         last = self._layer_index(end) if end is not None else len(self.module.layers) - 1
         need_grad = torch.is_grad_enabled() and any(self.module.layer_need_backward)
-        if first == 0:
-            self._values = [self._values[i] if i in self.module.input_ids else None
-                            for i in range(len(self._values))]
-        with torch.set_grad_enabled(need_grad):
-            inputs = self._graph_inputs() if need_grad else None
-            values, loss = self.module(None, first, last, self._with_inputs(inputs))
-        self._values = values
-        self._loss = loss
-        self._diffs = [None] * len(values)
-        names = list(self.outputs) + [b for b in (blobs or []) if b not in self.outputs]
-        if end is not None:
-            names = [self.module.blob_names[t] for t in self.module.steps[last].tops] + \
-                [b for b in (blobs or [])]
-        return {n: self.blobs[n].data.copy() for n in names}
-
-    def _graph_inputs(self) -> dict[int, torch.Tensor]:
-        """Input blobs as leaves that collect a gradient when Caffe would give one."""
-        leaves = {}
-        for i in self.module.input_ids:
-            value = self._values[i]
-            if self.module.blob_need_backward[i]:
-                value = value.detach().requires_grad_(True)
-            leaves[i] = value
-        return leaves
-
-    def _with_inputs(self, leaves):
         values = list(self._values)
-        if leaves:
-            for i, v in leaves.items():
-                values[i] = v
-        self._leaves = leaves or {}
-        return values
+        for i in self.module.input_ids:
+            value = self._value(i).detach()
+            values[i] = value.requires_grad_(need_grad and self.module.blob_need_backward[i])
+        with torch.set_grad_enabled(need_grad):
+            self._values, _ = self.module(None, first, last, values)
+        names = list(self.outputs) if end is None else \
+            [self.module.blob_names[t] for t in self.module.steps[last].tops]
+        names += [b for b in (blobs or []) if b not in names]
+        return {n: self.blobs[n].data.copy() for n in names}
 
     def backward(self, diffs: Sequence[str] | None = None, start: str | None = None,
                  end: str | None = None, **kwargs) -> dict[str, np.ndarray]:
-        """Back-propagate from the loss tops (seeded with their loss weights, as in
-        Caffe) and from any top diffs given; returns the input blobs' diffs."""
-        seeds: dict[int, torch.Tensor] = {}
-        for step in self.module.steps:
-            for pos, weight in step.losses:
-                top = step.tops[pos]
-                if self._values[top] is not None:
-                    seeds[top] = torch.full_like(self._values[top].detach(), weight)
+        """Caffe's Backward over layers start..end (default: all, from the last).
+
+        It starts from the diffs the range's final tops hold — loss weights on loss
+        tops, whatever was written into `blob.diff`, or the keyword arguments — and
+        leaves diffs in every blob of the range and accumulates them into params.
+        """
         for name, value in kwargs.items():
             if name not in self.module.blob_index:
                 raise NetError(f"no blob named '{name}'")
-            top = self.module.blob_index[name]
-            seeds[top] = torch.as_tensor(np.asarray(value, dtype=np.float32),
-                                         device=self.device).reshape(self._values[top].shape)
-        pairs = [(self._values[t], g) for t, g in seeds.items()
-                 if self._values[t] is not None and self._values[t].requires_grad]
-        self._track_grads()
-        if pairs:   # as in Caffe, a net where no layer needs backward computes nothing
-            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
-        self._collect_diffs()
-        names = list(self.inputs) + list(diffs or [])
+            self.blobs[name].diff[...] = np.asarray(value, dtype=np.float32)
+        hi = self._layer_index(start) if start is not None else len(self.module.layers) - 1
+        lo = self._layer_index(end) if end is not None else 0
+        seeds, wrt = self._backward_range(lo, hi)
+        tensors = [self._values[t] for t in seeds]
+        grads = [self._diff(t).to(self._values[t].device) for t in seeds]
+        targets = [self._values[b] for b in wrt]
+        params = [p for step in self.module.steps[lo:hi + 1]
+                  for p in _leaves_of(self.module.layers[step.layer]) if p.requires_grad]
+        if tensors and (targets or params):  # as in Caffe: nothing needs backward, nothing runs
+            for t in targets:
+                t.grad = None
+            torch.autograd.backward(tensors, grads, inputs=targets + _unique(params))
+            for b, t in zip(wrt, targets):
+                self._diffs[b] = (t.grad if t.grad is not None else
+                                  torch.zeros_like(t)).detach()
+        names = list(self.inputs) + [d for d in (diffs or []) if d not in self.inputs]
         return {n: self.blobs[n].diff.copy() for n in names}
 
-    def _track_grads(self) -> None:
-        for v in self._values:
-            if v is not None and v.requires_grad and not v.is_leaf:
-                v.retain_grad()
-
-    def _collect_diffs(self) -> None:
-        for i, v in enumerate(self._values):
-            if v is None:
+    def _backward_range(self, lo: int, hi: int) -> tuple[list[int], list[int]]:
+        """Blobs that start the backward of layers lo..hi (tops no later layer in the
+        range reads) and blobs that receive a diff (the rest that need a gradient)."""
+        steps = self.module.steps[lo:hi + 1]
+        last_read: dict[int, int] = {}
+        last_made: dict[int, int] = {}
+        for k, step in enumerate(steps):     # a layer reads (2k) before it writes (2k+1)
+            for b in step.bottoms:
+                last_read[b] = 2 * k
+            for t in step.tops:
+                last_made[t] = 2 * k + 1
+        seeds, wrt = [], []
+        for b in dict.fromkeys([*last_read, *last_made]):
+            value = self._values[b]
+            if value is None or not value.requires_grad:
                 continue
-            leaf = self._leaves.get(i)
-            source = leaf if leaf is not None else v
-            if source.requires_grad and source.grad is not None:
-                self._diffs[i] = source.grad.detach()
+            if b in last_made and last_read.get(b, -1) < last_made[b]:
+                seeds.append(b)
+            else:
+                wrt.append(b)
+        return seeds, wrt
 
     def reshape(self) -> None:
         """Propagate input blob shapes through the net (pycaffe's net.reshape())."""
-        shapes = {self.module.blob_names[i]: tuple(self._values[i].shape)
+        shapes = {self.module.blob_names[i]: tuple(self._value(i).shape)
                   for i in self.module.input_ids}
         self.module.infer_shapes(shapes)
+        for i, shape in enumerate(self.module.blob_shapes):
+            for store in (self._values, self._diffs):
+                if store[i] is not None and tuple(store[i].shape) != shape:
+                    store[i] = None
+
+    def _value(self, blob_id: int) -> torch.Tensor:
+        """The blob's data; a blob not computed yet is zeros, as Caffe allocates it."""
+        if self._values[blob_id] is None:
+            self._values[blob_id] = torch.zeros(self.module.blob_shapes[blob_id],
+                                                device=self.device)
+        return self._values[blob_id]
+
+    def _diff(self, blob_id: int) -> torch.Tensor:
+        """The blob's diff; a loss top starts with its loss weight, others with zeros."""
+        diff = self._diffs[blob_id]
+        value = self._value(blob_id)
+        if diff is None or diff.shape != value.shape:
+            diff = torch.full(tuple(value.shape), self._loss_weight.get(blob_id, 0.0),
+                              device=value.device)
+            self._diffs[blob_id] = diff
+        return diff
 
     def _set_blob(self, blob_id: int, tensor: torch.Tensor) -> None:
         self._values[blob_id] = tensor.to(torch.float32)
-        if hasattr(self, "_diffs"):
-            self._diffs[blob_id] = None
+        self._diffs[blob_id] = None
+
 
     def _layer_index(self, name: str) -> int:
         try:
@@ -356,7 +373,7 @@ class Net:
     def copy_from(self, path: str) -> None:
         """Copy trained weights by layer name (Caffe's CopyTrainedLayersFrom)."""
         copy_trained_layers(self.module.layers, read_weights(path), path,
-                            partial=str(path).endswith((".h5", ".hdf5")))
+                            partial=is_hdf5(path))
 
     def save(self, path: str) -> None:
         """Write the weights as a .caffemodel (or HDF5 for .h5), atomically."""

@@ -503,9 +503,6 @@ def test_unknown_layer_type_names_closest_types(typo, meant):
     assert f"did you mean '{meant}'" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "protonet.errors.closest compares case-sensitively (difflib ratio 0.5 < cutoff 0.6), "
-    "so the common case-only typo 'Relu' gets no 'did you mean ReLU' hint"))
 def test_unknown_layer_type_with_wrong_case_names_the_type():
     with pytest.raises(protonet.NetError) as info:
         build(UNKNOWN_TYPE % "Relu")

@@ -143,11 +143,6 @@ def test_level_argument_overrides_the_file_level(tmp_path):
         ["data", "always", "deep"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pycaffe.Net always passes stages=list(stages) (default []) to NetModule, which "
-    "replaces state.stage; Caffe's Net(file, phase, level, stages) appends the given "
-    "stages to the stages the file's own `state` lists, so layers included by a "
-    "file-level stage are dropped"))
 def test_stages_in_the_file_state_are_kept(tmp_path):
     path = tmp_path / "staged.prototxt"
     path.write_text('state { stage: "extra" }\n' + STAGED)
@@ -196,10 +191,6 @@ def test_blob_shapes_after_construction(prototxt):
     assert net.blobs["conv"].count == 216
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pycaffe.Blob.data returns np.zeros(0) for a non-input blob until the first forward "
-    "(Net._values holds None there); Caffe allocates every blob in Net::Init, so "
-    "net.blobs['prob'].data.shape is (2, 4) right after construction"))
 def test_every_blob_has_data_of_its_shape_before_forward(prototxt):
     net = protonet.Net(prototxt, protonet.TEST)
     for name, blob in net.blobs.items():
@@ -316,11 +307,6 @@ def test_blob_reshape_then_net_reshape(prototxt):
     np.testing.assert_allclose(out, reference_forward(net, x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Net.reshape() only updates NetModule.blob_shapes, but Blob.shape reports the "
-    "shape of the value left by the last forward (Net._values), so after a forward "
-    "then blob.reshape()+net.reshape() every non-input blob still shows its old "
-    "shape; Caffe's Net::Reshape reshapes every blob"))
 def test_net_reshape_after_a_forward_updates_every_blob(prototxt):
     net = protonet.Net(prototxt, protonet.TEST)
     net.forward(data=image())
@@ -557,12 +543,7 @@ def test_hdf5_weights_detected_by_content_like_caffe(prototxt, tmp_path):
             np.testing.assert_array_equal(a.data, b.data)
 
 
-@pytest.mark.parametrize("shared", ["weight", pytest.param("bias", marks=pytest.mark.xfail(
-    strict=True, reason=(
-        "pycaffe.Net.copy_from passes partial=True to copy_trained_layers only for "
-        ".h5/.hdf5 names, so an HDF5 file under another name whose layer omits a "
-        "trailing shared param fails the blob-count check (Caffe picks HDF5 by content; "
-        "partial should follow protonet.io.weights._is_hdf5)")))])
+@pytest.mark.parametrize("shared", ["weight", "bias"])
 def test_hdf5_with_shared_params_under_another_name(tmp_path, shared):
     pytest.importorskip("h5py")
     prototxt = tmp_path / "shared.prototxt"
@@ -700,11 +681,6 @@ def test_loss_net_forward_and_backward():
                                atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Net.backward() seeds autograd only from loss tops and its keyword diffs; a diff "
-    "written into net.blobs[top].diff beforehand is ignored, while Caffe's Backward "
-    "starts from whatever the top diffs hold (pycaffe's backward(**kw) is just that "
-    "write followed by _backward)"))
 def test_backward_uses_diffs_written_into_top_blobs(forced):
     net = protonet.Net(forced, protonet.TEST)
     x = image(12)
@@ -715,10 +691,6 @@ def test_backward_uses_diffs_written_into_top_blobs(forced):
     np.testing.assert_allclose(net.backward()["data"], expected, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Net.backward ignores its start= and end= arguments (Caffe runs BackwardFromTo"
-    "(start, end) from the diff already in start's tops), so the DeepDream idiom "
-    "forward(end=L); blobs[top].diff[...] = g; backward(start=L) gives a zero input diff"))
 def test_backward_from_a_middle_layer(forced):
     net = protonet.Net(forced, protonet.TEST)
     x = image(14)

@@ -71,13 +71,13 @@ def read_weights(path: str) -> caffe_pb2.NetParameter:
     A param the HDF5 file lacks (Caffe does not write shared params) is an empty
     BlobProto at its index; see `copy_trained_layers`.
     """
-    if str(path).endswith((".h5", ".hdf5")) or _is_hdf5(path):
+    if str(path).endswith((".h5", ".hdf5")) or is_hdf5(path):
         return _read_hdf5(path)
     from .upgrade import read_net_binary
     return read_net_binary(path)
 
 
-def _is_hdf5(path: str) -> bool:
+def is_hdf5(path: str) -> bool:
     """Caffe's H5Fis_hdf5 test, false for anything that cannot be opened."""
     if not os.path.isfile(path):
         return False

@@ -74,8 +74,7 @@ class NetModule(nn.Module):
             param.state.phase = phase
         if level is not None:
             param.state.level = level
-        if stages is not None:
-            del param.state.stage[:]
+        if stages is not None:      # added to the file's own stages, as Caffe does
             param.state.stage.extend(stages)
         self.phase = param.state.phase
         self.name = param.name
