@@ -1,6 +1,7 @@
 """protonet: Caffe's declarative models (prototxt, caffemodel, LMDB) run on PyTorch."""
 from .errors import (DataError, NetError, ParseError, ProtonetError, ShapeError,
                      SolverError, WeightsError)
+from . import data  # noqa: F401  (registers the data layers)
 from .layers.python_layer import PythonLayer
 from .proto import caffe_pb2
 from .pycaffe import TEST, TRAIN, Blob, Net

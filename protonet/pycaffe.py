@@ -369,6 +369,11 @@ class Net:
         except ValueError:
             raise NetError(f"no layer named '{name}'") from None
 
+    def set_input_arrays(self, data, labels) -> None:
+        """Feed a MemoryData first layer (pycaffe's Net.set_input_arrays)."""
+        from .data.layers import set_input_arrays
+        set_input_arrays(self.module, data, labels)
+
     # -- weights -----------------------------------------------------------------
     def copy_from(self, path: str) -> None:
         """Copy trained weights by layer name (Caffe's CopyTrainedLayersFrom)."""

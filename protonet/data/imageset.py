@@ -34,7 +34,7 @@ from ..errors import DataError
 from ..io.binary import write_binary
 from ..proto import caffe_pb2
 from .datum import decode_datum, encoded_datum, parse_datum, raw_datum
-from .lmdb_source import LEVELDB, LMDB, RecordCursor, backend_value, import_plyvel
+from .lmdb_source import LMDB, RecordCursor, backend_value, import_plyvel
 from .prefetch import default_workers, ordered_map
 
 log = logging.getLogger("protonet")
@@ -149,6 +149,9 @@ def convert_imageset(root: str, list_file: str, db_path: str, *, resize_height: 
     if encode_type and not encoded:
         log.info("encode_type specified, assuming encoded=true.")
     height, width = max(0, resize_height), max(0, resize_width)
+    if (height > 0) != (width > 0):
+        log.warning("only one of resize_height/resize_width is set; like Caffe, images "
+                    "are not resized unless both are")
 
     def make(line_id: int) -> tuple[bytes, bytes]:
         name, label = lines[line_id]
@@ -232,9 +235,7 @@ class _staging_dir:
         if kind is not None:
             shutil.rmtree(self.path, ignore_errors=True)
             return
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.path, 0o755 & ~umask)
+        os.chmod(self.path, 0o755)
         try:
             os.rename(self.path, self.target)
         except OSError as e:

@@ -13,17 +13,21 @@ batch on:
 - `mirror_in_test=False`: no mirror coin flips in the TEST phase. Caffe flips
   whenever `mirror: true`, whatever the phase; this is the explicit opt-out.
 
-Deliberate departures, each louder than Caffe rather than different: Caffe master's
-Data layer ignores `rand_skip`; we honour it as ImageData does (and as Caffe's Data
-layer did before master): skip `rand() % rand_skip` records once at the start.
-`prefetch: 0`, which makes Caffe wait forever, is refused with an explanation.
+Whole-net helpers for a Net or NetModule: `configure_data_layers(net, ...)`,
+`close_data_layers(net)` (stops the threads; collected layers and interpreter exit
+do it too) and `set_input_arrays(net, data, labels)`, pycaffe's call for a net whose
+first layer is MemoryData.
+
+Deliberate departures: Caffe master's Data layer ignores `rand_skip`; we honour it
+as ImageData does (and as Caffe's Data layer did before master), skipping
+`rand() % rand_skip` records once at the start. `prefetch: 0`, with which Caffe
+waits forever, is refused with an explanation.
 """
 from __future__ import annotations
 
 import logging
 import math
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Sequence
 
 import cv2
@@ -34,14 +38,13 @@ from ..errors import DataError
 from ..layers.base import Layer
 from ..layers.registry import register
 from ..proto import caffe_pb2
-from .datum import decode_datum, decode_image_bytes, parse_datum, to_chw
+from .datum import decode_datum, parse_datum, to_chw
 from .imageset import read_image, read_image_list
 from .lmdb_source import RecordCursor
-from .prefetch import Loader, default_workers
-from .transformer import Batch, DataTransformer, _seeded_rng
+from .prefetch import DecodePool, Loader, default_workers
+from .transformer import Batch, DataTransformer, seeded_rng
 
 log = logging.getLogger("protonet")
-TRAIN = caffe_pb2.TRAIN
 
 
 # --- batch sources (run on the loading thread; they never reference their layer) --
@@ -53,21 +56,21 @@ class _Source:
         self.batch_size = batch_size
         self.transformer = transformer
         self.workers = default_workers()
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: DecodePool | None = None
 
     def map(self, function: Callable, items: Iterable) -> list:
         if self.workers <= 1:
             return list(map(function, items))
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="protonet-decode")
-        return list(self._pool.map(function, items))
+            self._pool = DecodePool(self.workers, "protonet-decode")
+        return self._pool.map(function, items)
 
     def next_batch(self) -> Batch:
         raise NotImplementedError
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.close()
             self._pool = None
 
 
@@ -79,12 +82,14 @@ class _DatumSource(_Source):
         super().__init__(batch_size, transformer)
         self.path, self.backend, self.skip, self.with_label = path, backend, skip, with_label
         self._cursor: RecordCursor | None = None
+        self._warned = False
         probe = RecordCursor(path, backend)
         try:
-            first, _ = self._decode(probe.peek())
+            record = probe.peek()
+            first, _ = self._decode(record)
         finally:
             probe.close()
-        self.item_shape = transformer.output_shape(first.shape)
+        self.item_shape = transformer.output_shape(first.shape, self._where(record[0]))
 
     def _where(self, key: bytes) -> str:
         return f"{self.path} record '{key.decode('utf-8', 'replace')}'"
@@ -93,9 +98,10 @@ class _DatumSource(_Source):
         where = self._where(record[0])
         datum = parse_datum(record[1], where)
         t = self.transformer
-        if not datum.encoded and (t.force_color or t.force_gray):
+        if not datum.encoded and (t.force_color or t.force_gray) and not self._warned:
+            self._warned = True
             log.warning("%s: force_color/force_gray only apply to encoded records "
-                        "(Caffe ignores them here too)", where)
+                        "(Caffe ignores them for raw ones too)", where)
         return decode_datum(datum, where, t.force_color, t.force_gray), float(datum.label)
 
     def _item(self, job):
@@ -130,14 +136,16 @@ class _ImageListSource(_Source):
         self.size = (p.new_height, p.new_width)
         self.is_color = p.is_color
         self.entries = read_image_list(p.source)
-        self._rng = _seeded_rng() if p.shuffle else None
+        self._rng = seeded_rng() if p.shuffle else None
         if self._rng is not None:
             self._rng.shuffle(self.entries)
         if skip >= len(self.entries):
             raise DataError(f"{p.source}: rand_skip drew {skip}, but the list has only "
                             f"{len(self.entries)} images")
         self.position = skip
-        self.item_shape = transformer.output_shape(self._read(self.entries[skip]).shape)
+        first = self.entries[skip]
+        self.item_shape = transformer.output_shape(self._read(first).shape,
+                                                   self.root + first[0])
 
     def _read(self, entry: tuple[str, int]) -> np.ndarray:
         try:
@@ -180,6 +188,7 @@ class PrefetchingDataLayer(Layer):
         self.workers: int | None = None
         self.source: _Source | None = None
         self._loader: Loader | None = None
+        self._closed = False
 
     def configure(self, *, prefetch: bool | None = None, workers: int | None = None,
                   mirror_in_test: bool | None = None) -> None:
@@ -208,14 +217,15 @@ class PrefetchingDataLayer(Layer):
         raise NotImplementedError
 
     def make_transformer(self) -> DataTransformer:
-        return DataTransformer(self.param.transform_param, self.phase,
-                               where="transform_param")
+        return DataTransformer(self.param.transform_param, self.phase)
 
     def reshape(self, bottom_shapes):
         batch = self.source.batch_size
         return [(batch, *self.source.item_shape), (batch,)][:self.num_tops]
 
     def forward(self):
+        if self._closed:
+            raise self.error("is closed; build the net again to read more batches")
         if self._loader is None:
             self._loader = self._start()
         try:
@@ -231,11 +241,13 @@ class PrefetchingDataLayer(Layer):
         loader = Loader(source.next_batch, source.transformer, self.device,
                         self.param.data_param.prefetch, self.prefetch,
                         name=f"protonet-prefetch-{self.layer_name}")
-        weakref.finalize(self, _shut_down, loader, source)
+        # A collected layer stops its threads; at exit prefetch.close_all_loaders does.
+        weakref.finalize(self, _shut_down, loader, source).atexit = False
         return loader
 
     def close(self) -> None:
-        """Stop the loading threads and close the files; the layer can't load after."""
+        """Stop the loading threads and close the files; forward fails after this."""
+        self._closed = True
         if self._loader is not None:
             _shut_down(self._loader, self.source)
         elif self.source is not None:
@@ -320,11 +332,11 @@ class MemoryData(Layer):
         self._check_array(data, "data", self.item_shape)
         self._check_array(labels, "labels", (1, 1, 1))
         if data.shape[0] != labels.shape[0]:
-            raise self.located(f"data has {data.shape[0]} items but labels "
-                               f"{labels.shape[0]}")
+            raise self.data_error(f"data has {data.shape[0]} items but labels "
+                                  f"{labels.shape[0]}")
         if data.shape[0] == 0 or data.shape[0] % self.batch_size:
-            raise self.located(f"{data.shape[0]} items is not a positive multiple of "
-                               f"batch_size {self.batch_size}")
+            raise self.data_error(f"{data.shape[0]} items is not a positive multiple "
+                                  f"of batch_size {self.batch_size}")
         if self.param.HasField("transform_param"):
             log.warning("layer '%s': MemoryData does not transform arrays given to "
                         "set_input_arrays (as in Caffe)", self.layer_name)
@@ -334,21 +346,21 @@ class MemoryData(Layer):
     def _check_array(self, array, name: str, item_shape: Sequence[int]) -> None:
         if not isinstance(array, np.ndarray) or array.dtype != np.float32 or \
                 not array.flags.c_contiguous:
-            raise self.located(f"{name} must be a C-contiguous float32 numpy array "
-                               "(it is used in place, as in Caffe)")
+            raise self.data_error(f"{name} must be a C-contiguous float32 numpy "
+                                  "array (it is used in place, as in Caffe)")
         if array.ndim != 4 or tuple(array.shape[1:]) != tuple(item_shape):
-            raise self.located(f"{name} has shape {list(array.shape)}; expected "
-                               f"(N, {', '.join(map(str, item_shape))})")
+            raise self.data_error(f"{name} has shape {list(array.shape)}; expected "
+                                  f"(N, {', '.join(map(str, item_shape))})")
 
     def forward(self):
         if self._data is None:
-            raise self.located("no data yet: call set_input_arrays first")
+            raise self.data_error("no data yet: call set_input_arrays first")
         start, end = self._position, self._position + self.batch_size
         self._position = end % self._data.shape[0]
         return [self._data[start:end].to(self.device),
                 self._labels[start:end].to(self.device)]
 
-    def located(self, message: str) -> DataError:
+    def data_error(self, message: str) -> DataError:
         return DataError(f"layer '{self.layer_name}' ({self.type}): {message}")
 
 
@@ -429,9 +441,11 @@ class _WindowSource(_Source):
         self.num_fg = int(np.float32(p.batch_size) * np.float32(p.fg_fraction))
         self.cache = [self._file_bytes(path) for path, _ in self.images] \
             if p.cache_images else None
-        self._rng = _seeded_rng()
-        transformer.check(self.item_shape, p.source) if transformer.mean_image is None \
-            else None
+        self._rng = seeded_rng()
+        means = transformer.mean_values
+        if means is not None and len(means) not in (1, channels):
+            raise DataError(f"{len(means)} mean_value entries for {channels} channels; "
+                            f"give 1 or {channels}")
 
     @staticmethod
     def _file_bytes(path: str) -> bytes:
@@ -446,10 +460,12 @@ class _WindowSource(_Source):
             raise DataError(f"window refers to image {index}; the file lists "
                             f"{len(self.images)}")
         path = self.images[index][0]
-        if self.cache is not None:
-            chw = decode_image_bytes(self.cache[index], cv2.IMREAD_COLOR, path)
-            return np.ascontiguousarray(chw.transpose(1, 2, 0))
-        return read_image(path)
+        if self.cache is None:
+            return read_image(path)
+        image = cv2.imdecode(np.frombuffer(self.cache[index], np.uint8), cv2.IMREAD_COLOR)
+        if image is None:
+            raise DataError(f"{path}: could not decode the cached image")
+        return image
 
     def next_batch(self) -> Batch:
         jobs = []

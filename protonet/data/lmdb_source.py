@@ -6,12 +6,14 @@ slice of that endless cycle. `RecordCursor` reproduces that walk for LMDB (the
 `lmdb` package; keys compare as bytes, as in Caffe) and for LevelDB through the
 optional `plyvel` binding (bytewise comparator, as Caffe's). Errors name the path
 and, for a record, its key; a database given with the wrong backend says which
-backend its files look like.
+backend its files look like. Readers of one database share one open handle (see
+`_SharedHandles`), so any number of nets and tools may read it at once.
 """
 from __future__ import annotations
 
 import os
-from typing import Iterator
+import threading
+from typing import Callable, Iterator
 
 import lmdb
 
@@ -103,24 +105,64 @@ def _check_layout(path: str, backend: int) -> None:
         raise DataError(f"{path}: not an LMDB (no data.mdb){hint}")
 
 
+class _SharedHandles:
+    """One open handle per database and process, shared by all its readers.
+
+    The lmdb package refuses to open an environment twice in a process (and a
+    LevelDB locks itself), while a TRAIN and a TEST net, or a net and
+    compute-image-mean, may well read the same database: each reader gets its own
+    transaction or snapshot on the shared handle, closed with the last reader.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._open: dict[str, list] = {}       # real path -> [handle, readers]
+
+    def acquire(self, path: str, opener: Callable[[str], object]):
+        key = os.path.realpath(path)
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is None:
+                entry = self._open[key] = [opener(path), 0]
+            entry[1] += 1
+            return entry[0]
+
+    def release(self, path: str) -> None:
+        key = os.path.realpath(path)
+        with self._lock:
+            entry = self._open[key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._open[key]
+                entry[0].close()
+
+
+_HANDLES = _SharedHandles()
+
+
 class _LmdbStore:
-    """A read-only LMDB environment with one long read transaction, as Caffe keeps."""
+    """A read transaction held open for the cursor's life, as Caffe holds one."""
 
     def __init__(self, path: str):
-        self.env = _open_lmdb(path)
-        self.txn = self.env.begin(buffers=False)
+        self.path = path
+        self.env = _HANDLES.acquire(path, _open_lmdb)
+        try:
+            self.txn = self.env.begin(buffers=False)
+        except lmdb.Error as e:
+            _HANDLES.release(path)
+            raise DataError(f"{path}: cannot read the LMDB ({e})") from None
 
     def records(self) -> Iterator[tuple[bytes, bytes]]:
         return iter(self.txn.cursor())
 
     def size_hint(self) -> int | None:
-        return self.env.stat()["entries"]
+        return self.txn.stat()["entries"]
 
     def close(self) -> None:
-        if self.env is not None:
+        if self.txn is not None:
             self.txn.abort()
-            self.env.close()
-            self.env = None
+            self.txn = None
+            _HANDLES.release(self.path)
 
 
 def _open_lmdb(path: str) -> lmdb.Environment:
@@ -138,15 +180,11 @@ def _open_lmdb(path: str) -> lmdb.Environment:
 
 
 class _LevelDbStore:
-    """A LevelDB read through plyvel, when that optional binding is installed."""
+    """A snapshot of a LevelDB read through plyvel, when that binding is installed."""
 
     def __init__(self, path: str):
-        plyvel = import_plyvel()
-        try:
-            self.db = plyvel.DB(path, create_if_missing=False)
-        except plyvel.Error as e:
-            raise DataError(f"{path}: cannot open the LevelDB ({e})") from None
-        self.snapshot = self.db.snapshot()
+        self.path = path
+        self.snapshot = _HANDLES.acquire(path, _open_leveldb).snapshot()
 
     def records(self) -> Iterator[tuple[bytes, bytes]]:
         return self.snapshot.iterator()
@@ -155,9 +193,22 @@ class _LevelDbStore:
         return None
 
     def close(self) -> None:
-        if not self.db.closed:
+        if self.snapshot is not None:
             self.snapshot.close()
-            self.db.close()
+            self.snapshot = None
+            _HANDLES.release(self.path)
+
+
+def _open_leveldb(path: str):
+    plyvel = import_plyvel()
+    try:
+        return plyvel.DB(path, create_if_missing=False)
+    except plyvel.Error as e:
+        detail = e.args[0].decode("utf-8", "replace") if e.args and isinstance(
+            e.args[0], bytes) else str(e)
+        hint = ("; another process (Caffe?) holds it: a LevelDB admits one process "
+                "at a time, an LMDB many") if "lock" in detail else ""
+        raise DataError(f"{path}: cannot open the LevelDB ({detail}){hint}") from None
 
 
 def import_plyvel():

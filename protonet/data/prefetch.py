@@ -10,14 +10,18 @@ and scale arithmetic runs on the GPU; for a CPU net the worker does that arithme
 too, off the main thread.
 
 Shutdown: `Loader.close()` (also run when its layer is garbage collected) stops
-the thread; the threads are daemons, so a program that never closes still exits.
+the thread after the batch in hand; at interpreter exit every loader is closed that
+way, so no thread is inside torch or OpenCV while they are torn down. All threads
+are daemons, so nothing else can hold the exit up.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import Executor
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -26,7 +30,7 @@ import torch
 
 from .transformer import Batch, DataTransformer
 
-CLOSE_TIMEOUT_S = 30.0   # a batch being decoded is finished first; a daemon past this
+CLOSE_TIMEOUT_S = 30.0   # how long close() waits for the batch in hand to be finished
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -53,6 +57,58 @@ def ordered_map(pool: Executor, function: Callable[[T], R], items: Iterable[T],
             future.cancel()
 
 
+class DecodePool:
+    """Daemon threads that map a function over one batch's items, results in order.
+
+    Not a ThreadPoolExecutor: those are stopped when the interpreter starts shutting
+    down, which would strand a loader thread in the middle of a batch; these keep
+    working until `close_all_loaders` (run at exit) has let every loader finish.
+    """
+
+    def __init__(self, workers: int, name: str):
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}",
+                                          daemon=True) for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def _work(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            task()
+
+    def map(self, function: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        items = list(items)
+        outcomes: list = [None] * len(items)
+        remaining = [len(items)]
+        lock, finished = threading.Lock(), threading.Event()
+
+        def run(index: int) -> None:
+            try:
+                outcomes[index] = (True, function(items[index]))
+            except BaseException as error:
+                outcomes[index] = (False, error)
+            with lock:
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    finished.set()
+
+        for index in range(len(items)):
+            self._tasks.put(lambda index=index: run(index))
+        if items:
+            finished.wait()
+        for ok, value in outcomes:
+            if not ok:
+                raise value
+        return [value for _, value in outcomes]
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._tasks.put(None)
+        for thread in self._threads:
+            if thread is not threading.current_thread():   # a finalizer may run here
+                thread.join(timeout=CLOSE_TIMEOUT_S)
+
+
 class _Failure:
     """An exception raised by the producer, handed to the consumer."""
 
@@ -76,6 +132,7 @@ class Loader:
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._run, name=name, daemon=True)
             self._thread.start()
+            _LIVE.add(self)
 
     def next(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The next batch's (data, label) on `device`."""
@@ -87,6 +144,8 @@ class Loader:
         if self._thread is None:
             return
         self._stop.set()
+        if self._thread is threading.current_thread():    # a finalizer may run here
+            return
         deadline = time.monotonic() + CLOSE_TIMEOUT_S
         while self._thread.is_alive() and time.monotonic() < deadline:
             try:
@@ -143,3 +202,14 @@ class Loader:
             batch.data = data
             data = self._transformer.normalize(batch)
         return data, label
+
+
+_LIVE: "weakref.WeakSet[Loader]" = weakref.WeakSet()
+
+
+@atexit.register
+def close_all_loaders() -> None:
+    """Let every loader thread finish its batch and stop before the interpreter
+    tears down the libraries they call into (torch, OpenCV)."""
+    for loader in list(_LIVE):
+        loader.close()

@@ -9,10 +9,12 @@ so explicitly with `mirror_in_test=False` (a Python keyword, see
 `protonet.data.layers.configure_data_layers`); the default stays Caffe's.
 
 The work is split so that it can run in parallel and on the device: `crop` picks the
-window of one decoded (C, H, W) record (cheap uint8 slicing, done by decode
-threads), `collate` stacks a batch, and `normalize` does the float arithmetic for the
-whole batch with torch, on the CPU or on the GPU after a uint8 copy. Random draws
-are taken up front, in record order, so parallel decoding stays deterministic.
+window of one decoded (C, H, W) record and mirrors it (uint8 views, done by decode
+threads), `collate` stacks a batch (the one copy), and `normalize` does the float
+arithmetic for the whole batch with torch, on the CPU or on the GPU after a uint8
+copy; a mirrored item subtracts the mirrored window of the mean, which is the same
+arithmetic as Caffe's flip after subtraction. Random draws are taken up front, in
+record order, so parallel decoding stays deterministic.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ TRAIN = caffe_pb2.TRAIN
 @dataclass
 class Crop:
     """The window of one record that goes into the batch, before any arithmetic."""
-    pixels: np.ndarray      # (C, h, w) view on the decoded record
+    pixels: np.ndarray      # (C, h, w) view on the decoded record, already mirrored
     h_off: int
     w_off: int
     mirror: bool
@@ -70,12 +72,11 @@ class DataTransformer:
     """Crop / mirror / mean / scale per Caffe's TransformationParameter."""
 
     def __init__(self, param: caffe_pb2.TransformationParameter, phase: int, *,
-                 mirror_in_test: bool = True, where: str = "transform_param"):
+                 mirror_in_test: bool = True):
         if param.HasField("mean_file") and len(param.mean_value):
-            raise DataError(f"{where}: give mean_file or mean_value, not both")
+            raise DataError("transform_param: give mean_file or mean_value, not both")
         if param.force_color and param.force_gray:
-            raise DataError(f"{where}: force_color and force_gray are exclusive")
-        self.where = where
+            raise DataError("transform_param: force_color and force_gray are exclusive")
         self.crop_size = int(param.crop_size)
         self.scale = float(np.float32(param.scale))
         self.random_crop = phase == TRAIN and self.crop_size > 0
@@ -88,7 +89,7 @@ class DataTransformer:
             "mean_file") else None
         self.mean_values = (np.asarray(param.mean_value, dtype=np.float32)
                             if len(param.mean_value) else None)
-        self._rng = _seeded_rng() if self.mirror_requested or self.random_crop else None
+        self._rng = seeded_rng() if self.mirror_requested or self.random_crop else None
         self._device_means: dict[torch.device, torch.Tensor] = {}
 
     @property
@@ -103,8 +104,9 @@ class DataTransformer:
             return np.zeros((count, 3), dtype=np.uint64)
         return self._rng.integers(0, 2**32, size=(count, 3), dtype=np.uint64)
 
-    def output_shape(self, image_shape: Sequence[int]) -> tuple[int, int, int]:
-        """(C, h, w) of a transformed record: Caffe's InferBlobShape."""
+    def output_shape(self, image_shape: Sequence[int], where: str) -> tuple[int, int, int]:
+        """(C, h, w) of a transformed record (Caffe's InferBlobShape), checked."""
+        self.check(image_shape, where)
         channels, height, width = image_shape
         if self.crop_size:
             return (channels, self.crop_size, self.crop_size)
@@ -113,7 +115,7 @@ class DataTransformer:
     def crop(self, image: np.ndarray, draw: np.ndarray, where: str) -> Crop:
         """Check one (C, H, W) record against the params and pick its window."""
         self.check(image.shape, where)
-        channels, height, width = image.shape
+        _, height, width = image.shape
         crop = self.crop_size
         h_off = w_off = 0
         if crop:
@@ -123,7 +125,8 @@ class DataTransformer:
             else:
                 h_off, w_off = (height - crop) // 2, (width - crop) // 2
             image = image[:, h_off:h_off + crop, w_off:w_off + crop]
-        return Crop(image, h_off, w_off, self.mirror and bool(draw[0] % 2))
+        mirror = self.mirror and bool(draw[0] % 2)
+        return Crop(image[:, :, ::-1] if mirror else image, h_off, w_off, mirror)
 
     def check(self, shape: Sequence[int], where: str) -> None:
         channels, height, width = shape
@@ -158,34 +161,35 @@ class DataTransformer:
         return Batch(data, label, offsets, mirror)
 
     def normalize(self, batch: Batch) -> torch.Tensor:
-        """(pixel - mean) * scale in float32, then the mirrored items flipped."""
-        values = batch.data.to(torch.float32)
-        mean = self._mean(values, batch.offsets)
-        if mean is not None:
-            values = values - mean
+        """(pixel - mean) * scale in float32 (the pixels arrive already mirrored)."""
+        mean = self._mean(batch)
+        if mean is None:
+            values = batch.data.to(torch.float32)
+        else:
+            values = torch.sub(batch.data, mean)        # float32: promotes the pixels
         if self.scale != 1.0:
-            values = values * self.scale
-        if self.mirror:
-            flip = batch.mirror.to(values.device).view(-1, 1, 1, 1)
-            values = torch.where(flip, values.flip(-1), values)
+            values.mul_(self.scale)
         return values
 
-    def _mean(self, values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor | None:
+    def _mean(self, batch: Batch) -> torch.Tensor | None:
+        """The mean each value subtracts, broadcastable to the batch."""
+        device = batch.data.device
         if self.mean_values is not None:
-            means = self._on_device(self.mean_values, values.device)
-            return means.view(1, -1, 1, 1)
+            return self._on_device(self.mean_values, device).view(1, -1, 1, 1)
         if self.mean_image is None:
             return None
-        mean = self._on_device(self.mean_image, values.device)
-        height, width = values.shape[-2:]
-        if (height, width) == tuple(mean.shape[-2:]):
-            return mean
-        if bool((offsets == offsets[:1]).all()):
+        mean = self._on_device(self.mean_image, device)
+        height, width = batch.data.shape[-2:]
+        offsets, mirror = batch.offsets, batch.mirror
+        if not bool(mirror.any()) and bool((offsets == offsets[:1]).all()):
             h, w = (int(v) for v in offsets[0])
             return mean[:, h:h + height, w:w + width]
-        offsets = offsets.to(values.device)
-        rows = offsets[:, :1] + torch.arange(height, device=values.device)
-        cols = offsets[:, 1:] + torch.arange(width, device=values.device)
+        # Each item's window of the mean, its columns reversed where it is mirrored.
+        offsets, mirror = offsets.to(device), mirror.to(device)
+        steps = torch.arange(width, device=device)
+        steps = torch.where(mirror[:, None], width - 1 - steps, steps)
+        rows = offsets[:, :1] + torch.arange(height, device=device)
+        cols = offsets[:, 1:] + steps
         return mean[:, rows[:, :, None], cols[:, None, :]].transpose(0, 1)
 
     def _on_device(self, array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -196,6 +200,6 @@ class DataTransformer:
         return cached
 
 
-def _seeded_rng() -> np.random.Generator:
+def seeded_rng() -> np.random.Generator:
     """A generator seeded from torch's global one, so protonet.set_random_seed rules."""
     return np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))

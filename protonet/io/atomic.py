@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from typing import Callable, Iterator
 
 from ..errors import ProtonetError
@@ -20,13 +20,8 @@ def atomic_path(path: str) -> Iterator[str]:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp", dir=directory)
-    os.close(fd)
+    tmp = _create_temp(path, directory)
     try:
-        # mkstemp makes the file 0600; give it the mode a plain open() would have
-        # (or the mode of the file it replaces), so other users can still read it.
-        os.chmod(tmp, _target_mode(path))
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -55,13 +50,23 @@ def atomic_call(path: str, writer: Callable[[str], None]) -> None:
         writer(tmp)
 
 
-def _target_mode(path: str) -> int:
-    try:
-        return os.stat(path).st_mode & 0o7777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+def _create_temp(path: str, directory: str) -> str:
+    """A new empty file beside `path`, with the mode a plain open() would give it
+    (0666 less the umask, applied by the kernel) or the mode of the file it replaces."""
+    prefix = "." + os.path.basename(path) + "."
+    for _ in range(100):
+        tmp = os.path.join(directory, prefix + secrets.token_hex(6) + ".tmp")
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        try:
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+        except FileNotFoundError:
+            pass
+        return tmp
+    raise ProtonetError(f"{path}: could not create a temporary file in {directory}")
 
 
 def _fsync_dir(directory: str) -> None:
