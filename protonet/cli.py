@@ -14,7 +14,8 @@ import warnings
 from .errors import ProtonetError
 
 # Subcommand modules, in the order `protonet --help` lists them.
-COMMANDS = ["train", "test", "time", "device_query", "upgrade", "data_tools", "zoo"]
+COMMANDS = ["train", "test", "time", "device_query", "upgrade", "data_tools", "zoo",
+            "finetune", "classify", "draw_net", "logs", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,9 +42,14 @@ def _version() -> str:
 
 
 def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format="%(levelname).1s%(asctime)s.%(msecs)03d %(message)s",
-                        datefmt="%m%d %H:%M:%S", stream=sys.stderr)
+    """glog-style lines ('I1123 15:41:51.801 message') for protonet's own logger;
+    other libraries speak only at WARNING and above."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(levelname).1s%(asctime)s.%(msecs)03d %(message)s", datefmt="%m%d %H:%M:%S"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    ours = logging.getLogger("protonet")
+    ours.setLevel(logging.WARNING if quiet else logging.INFO)
     warnings.simplefilter("default")
     logging.captureWarnings(True)
 
