@@ -41,15 +41,28 @@ def _version() -> str:
     return f"protonet {__version__}"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (it may be swapped, e.g. by tests)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_logging(quiet: bool) -> None:
-    """glog-style lines ('I1123 15:41:51.801 message') for protonet's own logger;
-    other libraries speak only at WARNING and above."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        "%(levelname).1s%(asctime)s.%(msecs)03d %(message)s", datefmt="%m%d %H:%M:%S"))
-    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
-    ours = logging.getLogger("protonet")
-    ours.setLevel(logging.WARNING if quiet else logging.INFO)
+    """glog-style lines ('I1123 15:41:51.801 message') on stderr. protonet's logger
+    speaks at INFO; other libraries keep the root's level (WARNING)."""
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter(
+            "%(levelname).1s%(asctime)s.%(msecs)03d %(message)s", datefmt="%m%d %H:%M:%S"))
+        root.addHandler(handler)
+    logging.getLogger("protonet").setLevel(logging.WARNING if quiet else logging.INFO)
     warnings.simplefilter("default")
     logging.captureWarnings(True)
 

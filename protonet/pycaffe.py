@@ -309,6 +309,15 @@ class Net:
         names = list(self.inputs) + [d for d in (diffs or []) if d not in self.inputs]
         return {n: self.blobs[n].diff.copy() for n in names}
 
+    def input_tensors(self) -> dict[str, torch.Tensor]:
+        """The input blobs' tensors, for code that runs `self.module` directly."""
+        return {self.module.blob_names[i]: self._value(i) for i in self.module.input_ids}
+
+    def adopt(self, values: list) -> None:
+        """Show the blob values of a pass run on `self.module` directly (the solver's)."""
+        self._values = list(values)
+        self._diffs = [None] * len(values)
+
     def _backward_range(self, lo: int, hi: int) -> tuple[list[int], list[int]]:
         """Blobs that start the backward of layers lo..hi (tops no later layer in the
         range reads) and blobs that receive a diff (the rest that need a gradient)."""

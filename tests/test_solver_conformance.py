@@ -2,16 +2,19 @@
 
 Each config runs 25 iterations from Caffe's starting weights; after every iteration
 the loss and every learnable param must match Caffe's within the README tolerance.
-Resuming from Caffe's own snapshot at iteration 10 must reproduce rows 10..24.
+Resuming from Caffe's own snapshot at iteration 10 (as written, and re-laid out as
+an HDF5 solver state) must reproduce rows 10..24.
 """
 from __future__ import annotations
 
+import h5py
 import numpy as np
 import pytest
 
 from conformance import ROOT, assert_close, folder
 from protonet.io.upgrade import read_solver
 from protonet.solver import Solver, get_solver
+from protonet.solver.snapshot import read_state
 
 CONFIGS = sorted(p.name[:-len(".solver.prototxt")]
                  for p in (ROOT / "solvers").glob("*.solver.prototxt")) or ["(none)"]
@@ -58,3 +61,23 @@ def test_resume_from_caffe_solverstate(monkeypatch):
     for i in range(10, len(ref["loss"])):
         solver.step(1)
         _check_row(solver, ref, i, "sgd_resume (restored)")
+
+
+def test_resume_from_caffe_state_in_hdf5_layout(monkeypatch, tmp_path):
+    """Caffe's snapshot re-written in the layout Caffe's HDF5 snapshots use."""
+    fixtures = folder("solvers")
+    state = read_state(str(fixtures / "snap/sgd_resume_iter_10.solverstate"))
+    path = tmp_path / "sgd_resume_iter_10.solverstate.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("iter", data=np.array([state.iter], dtype=np.int32))
+        f["learned_net"] = np.bytes_(str(fixtures / state.learned_net))
+        f.create_dataset("current_step", data=np.array([state.current_step], dtype=np.int32))
+        for i, blob in enumerate(state.history):
+            f.create_dataset(f"history/{i}", data=blob)
+    monkeypatch.chdir(fixtures)
+    solver = get_solver(_solver_param("sgd_resume"))
+    solver.restore(str(path))
+    ref = np.load("sgd_resume.npz")
+    for i in range(10, len(ref["loss"])):
+        solver.step(1)
+        _check_row(solver, ref, i, "sgd_resume (restored from HDF5)")

@@ -51,7 +51,7 @@ class HDF5Data(Layer):
 
     def forward(self):
         if self.tensors[0].device != self.device:
-            self.tensors = [t.to(self.device) for t in self.tensors]
+            self._to_device()
         pieces: list[list[torch.Tensor]] = []
         left = self.param.hdf5_data_param.batch_size
         while left:
@@ -63,6 +63,12 @@ class HDF5Data(Layer):
                 self._wrap()
         tops = [p[0] if len(pieces) == 1 else torch.cat(p) for p in zip(*pieces)]
         return tops if len(tops) > 1 else tops[0]
+
+    def _to_device(self) -> None:
+        """Follow the layer to its device (nets are built on the CPU, then moved)."""
+        self.tensors = [t.to(self.device) for t in self.tensors]
+        if self.row_order is not None:
+            self.row_order = self.row_order.to(self.device)
 
     # -- reading ---------------------------------------------------------------
     def _read_list(self, source: str) -> list[str]:

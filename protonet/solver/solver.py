@@ -12,6 +12,7 @@ display, test and snapshot time.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -132,16 +133,20 @@ def load_weights(module: NetModule, paths: str) -> None:
 
 
 class JsonLog:
-    """One JSON object per line, flushed per event (opened on first use)."""
+    """One JSON object per line, flushed per event. The first open truncates the
+    file unless `append` (a resumed run); later opens always append."""
 
     def __init__(self, path: str):
         self.path = path
         self.file = None
+        self.started = False
 
     def write(self, record: dict, append: bool) -> None:
         if self.file is None:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            self.file = open(self.path, "a" if append else "w", encoding="utf-8")
+            mode = "a" if append or self.started else "w"
+            self.file = open(self.path, mode, encoding="utf-8")
+            self.started = True
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
 
@@ -165,6 +170,8 @@ class Solver:
                  log_json: str | None = None, progress: bool = False):
         self.param = _read_solver_param(param)
         rule_class = self.rule_class or self._rule_for(self.param.type)
+        rule_class.check(self.param)
+        self._policy = make_policy(self.param)
         self._check_param()
         log.info("Initializing solver from parameters: \n%s", to_text(self.param))
         if self.param.random_seed >= 0:
@@ -280,11 +287,12 @@ class Solver:
         learnable = self.train_module.learnable
         self._params = [entry.param for entry in learnable]
         self._lr_mults = [np.float32(entry.lr_mult) for entry in learnable]
-        decays = [f32(np.float32(p.weight_decay) * np.float32(e.decay_mult))
-                  for e in learnable]
-        self._decayed = [i for i, d in enumerate(decays) if d != 0]
-        self._decays = [decays[i] for i in self._decayed]
-        self._policy = make_policy(p)
+        groups: dict[float, list[int]] = {}
+        for i, entry in enumerate(learnable):
+            decay = f32(np.float32(p.weight_decay) * np.float32(entry.decay_mult))
+            if decay:
+                groups.setdefault(decay, []).append(i)
+        self._decay_groups = list(groups.items())     # params sharing one local decay
         self._rule = rule_class(p, self._params)
         self._rates_for: float | None = None
         self._rates: list[float] = []
@@ -317,11 +325,8 @@ class Solver:
         """One forward pass of net `index` (0: train); its pycaffe view keeps the blobs
         (and supplies the input blobs), as Caffe's nets keep theirs."""
         module, view = self._module(index), self._views[index]
-        inputs = {module.blob_names[i]: view._values[i] for i in module.input_ids}
-        view._values = [None] * len(module.blob_names)
-        values, loss = module(inputs)
-        view._values, view._loss = values, loss
-        view._diffs = [None] * len(values)
+        values, loss = module(view.input_tensors())
+        view.adopt(values)
         return values, loss
 
     def _forward_backward(self, debug: bool):
@@ -360,7 +365,7 @@ class Solver:
             del values
             for _, on_gradients_ready in self._callbacks:
                 on_gradients_ready()
-            self.apply_update(display)
+            self.apply_update()
             if self._bar is not None:
                 self._bar.update()
             request = self._request()
@@ -370,11 +375,16 @@ class Solver:
                 self.requested_early_exit = True
                 break
 
-    def _clear_diffs(self) -> None:
+    def _grads(self) -> list[torch.Tensor]:
+        """Every learnable param's .grad (Caffe's diff), made where missing."""
         for param in self._params:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-        torch._foreach_zero_([param.grad for param in self._params])
+        return [param.grad for param in self._params]
+
+    def _clear_diffs(self) -> None:
+        if self._params:
+            torch._foreach_zero_(self._grads())
 
     def _accumulate(self, debug: bool):
         """iter_size forward/backward passes; returns the last values and mean loss."""
@@ -420,23 +430,28 @@ class Solver:
         return self.action() if self.action is not None else NONE
 
     # -- the update ----------------------------------------------------------------------
-    def apply_update(self, display: bool = False) -> None:
+    def apply_update(self) -> None:
         """Caffe's SGDSolver::ApplyUpdate, then count the iteration."""
         rate, self.current_step = self._policy(self.iter, self.current_step)
+        display = bool(self.param.display) and self.iter % self.param.display == 0
         if display:
             log.info("Iteration %d, lr = %g", self.iter, rate)
             self._emit_display(rate)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
-        with torch.no_grad():
-            self._clip(grads)
-            if self.param.iter_size > 1:
-                torch._foreach_mul_(grads, f32(np.float32(1) / np.float32(self.param.iter_size)))
-            self._regularize(grads)
-            self._rule.apply(grads, self._local_rates(rate), self.iter)
-            if display and self.param.debug_info:
-                update_debug(self.train_module, grads)
-            torch._foreach_sub_(self._params, grads)
+        if self._params:
+            with torch.no_grad():
+                self._update(self._grads(), rate, display and self.param.debug_info)
         self.iter += 1
+
+    def _update(self, grads: list[torch.Tensor], rate: float, debug: bool) -> None:
+        """Clip, normalize, regularize, apply the rule, then data -= diff."""
+        self._clip(grads)
+        if self.param.iter_size > 1:
+            torch._foreach_mul_(grads, f32(np.float32(1) / np.float32(self.param.iter_size)))
+        self._regularize(grads)
+        self._rule.apply(grads, self._local_rates(rate), self.iter)
+        if debug:
+            update_debug(self.train_module, grads)
+        torch._foreach_sub_(self._params, grads)
 
     def _emit_display(self, rate: float) -> None:
         record, self._display_record = self._display_record, None
@@ -447,7 +462,7 @@ class Solver:
 
     def _clip(self, grads: list[torch.Tensor]) -> None:
         clip = self.param.clip_gradients
-        if clip < 0 or not grads:
+        if clip < 0:
             return
         norm = float(torch.stack(torch._foreach_norm(grads)).square().sum().sqrt())
         if norm > clip:
@@ -457,13 +472,13 @@ class Solver:
             torch._foreach_mul_(grads, scale)
 
     def _regularize(self, grads: list[torch.Tensor]) -> None:
-        if not self._decayed:
-            return
-        params = [self._params[i] for i in self._decayed]
-        if self.param.regularization_type == "L1":
-            params = torch._foreach_sign(params)
-        torch._foreach_add_([grads[i] for i in self._decayed],
-                            torch._foreach_mul(params, self._decays))
+        """diff += local_decay * data (L2) or * sign(data) (L1), one fused op per decay."""
+        l1 = self.param.regularization_type == "L1"
+        for decay, members in self._decay_groups:
+            params = [self._params[i] for i in members]
+            if l1:
+                params = torch._foreach_sign(params)
+            torch._foreach_add_([grads[i] for i in members], params, alpha=decay)
 
     def _local_rates(self, rate: float) -> list[float]:
         if rate != self._rates_for:
@@ -553,7 +568,7 @@ class Solver:
         if p.display and self.iter % p.display == 0:
             with torch.no_grad():
                 _, loss = self._forward(0)
-            self._smooth(loss.detach() if loss is not None else torch.zeros(()))
+            self._smooth(loss if loss is not None else torch.zeros((), device=self.device))
             log.info("Iteration %d, loss = %g", self.iter, self.smoothed_loss)
         if p.test_interval and self.iter % p.test_interval == 0:
             self.test_all()
@@ -594,34 +609,22 @@ class Solver:
         self._restored = True
 
 
-class _progress:
-    """A tqdm bar over the remaining iterations while `solver.progress` is on, with
-    log lines routed through the bar so the two do not garble each other."""
-
-    def __init__(self, solver: Solver):
-        self.solver = solver
-        self.stack = None
-
-    def __enter__(self):
-        if not self.solver.progress:
-            return self
-        import contextlib
-
-        from tqdm import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
-        self.stack = contextlib.ExitStack()
-        solver = self.solver
-        solver._bar = self.stack.enter_context(
-            tqdm(total=solver.param.max_iter, initial=solver.iter, unit="it",
-                 dynamic_ncols=True, desc="train"))
-        self.stack.enter_context(logging_redirect_tqdm())
-        return self
-
-    def __exit__(self, *exc):
-        if self.stack is not None:
-            self.solver._bar = None
-            self.stack.close()
-        return False
+@contextlib.contextmanager
+def _progress(solver: Solver):
+    """A tqdm bar over the iterations while `solver.progress` is on, with log lines
+    routed through it so the two do not garble each other."""
+    if not solver.progress:
+        yield
+        return
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    with tqdm(total=solver.param.max_iter, initial=solver.iter, unit="it",
+              dynamic_ncols=True, desc="train") as bar, logging_redirect_tqdm():
+        solver._bar = bar
+        try:
+            yield
+        finally:
+            solver._bar = None
 
 
 # -- debug_info: Caffe's per-layer statistics ----------------------------------------------

@@ -36,9 +36,10 @@ class UpdateRule:
         self.param = param
         self.history: Tensors = [torch.zeros_like(p, memory_format=torch.contiguous_format)
                                  for _ in range(self.slots) for p in params]
-        self.check()
+        self.check(param)
 
-    def check(self) -> None:
+    @classmethod
+    def check(cls, param: caffe_pb2.SolverParameter) -> None:
         """Caffe's constructor sanity checks for this rule."""
 
     def apply(self, grads: Tensors, rates: list[float], iteration: int) -> None:
@@ -76,8 +77,9 @@ class Nesterov(UpdateRule):
 class AdaGrad(UpdateRule):
     """h += g^2; step = rate * g / (sqrt(h) + delta)."""
 
-    def check(self):
-        if self.param.momentum != 0:
+    @classmethod
+    def check(cls, param):
+        if param.momentum != 0:
             raise SolverError("momentum cannot be used with AdaGrad (set momentum: 0)")
 
     def apply(self, grads, rates, iteration):
@@ -91,11 +93,12 @@ class AdaGrad(UpdateRule):
 class RMSProp(UpdateRule):
     """h = decay * h + (1 - decay) * g^2; step = rate * g / (sqrt(h) + delta)."""
 
-    def check(self):
-        if self.param.momentum != 0:
+    @classmethod
+    def check(cls, param):
+        if param.momentum != 0:
             raise SolverError("momentum cannot be used with RMSProp (set momentum: 0)")
-        if not 0 <= self.param.rms_decay < 1:
-            raise SolverError(f"rms_decay should lie in [0, 1), got {self.param.rms_decay}")
+        if not 0 <= param.rms_decay < 1:
+            raise SolverError(f"rms_decay should lie in [0, 1), got {param.rms_decay}")
 
     def apply(self, grads, rates, iteration):
         decay = np.float32(self.param.rms_decay)
