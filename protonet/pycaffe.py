@@ -6,6 +6,7 @@ views, and `backward` leaves diffs in blobs and params.
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from typing import Iterable, Sequence
 
@@ -15,7 +16,7 @@ from torch.nn.utils import parametrize
 
 from .errors import NetError, ProtonetError
 from .io.upgrade import read_net
-from .io.weights import copy_trained_layers, is_hdf5, read_weights, save_caffemodel
+from .io.weights import copy_weights, save_caffemodel
 from .net.module import NetModule
 from .proto import caffe_pb2
 
@@ -194,7 +195,8 @@ class Net:
         module = NetModule(param, phase=phase, level=level, stages=list(stages))
         self._attach(module.to(device), torch.device(device))
         if weights:
-            for path in ([weights] if isinstance(weights, str) else weights):
+            single = isinstance(weights, (str, os.PathLike))
+            for path in ([weights] if single else weights):
                 self.copy_from(path)
 
     @classmethod
@@ -384,10 +386,11 @@ class Net:
         set_input_arrays(self.module, data, labels)
 
     # -- weights -----------------------------------------------------------------
-    def copy_from(self, path: str) -> None:
-        """Copy trained weights by layer name (Caffe's CopyTrainedLayersFrom)."""
-        copy_trained_layers(self.module.layers, read_weights(path), path,
-                            partial=is_hdf5(path))
+    def copy_from(self, path) -> None:
+        """Copy trained weights by layer name (Caffe's CopyTrainedLayersFrom);
+        `path` is a .caffemodel, an HDF5 file or zoo:NAME."""
+        from .zoo import resolve_weights
+        copy_weights(self.module.layers, resolve_weights(os.fspath(path)))
 
     def save(self, path: str) -> None:
         """Write the weights as a .caffemodel (or HDF5 for .h5), atomically."""

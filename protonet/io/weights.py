@@ -173,6 +173,11 @@ def _stored_param(layer, index: int) -> torch.Tensor:
     return layer.blobs[index]
 
 
+def copy_weights(layers: Iterable, path: str) -> list[str]:
+    """Caffe's CopyTrainedLayersFrom for one file, binary or HDF5 (told by content)."""
+    return copy_trained_layers(layers, read_weights(path), path, partial=is_hdf5(path))
+
+
 def _shapes_match(mine: tuple[int, ...], theirs: tuple[int, ...]) -> bool:
     """Caffe's Blob::ShapeEquals, which lets legacy 4-D shapes pad with leading 1s."""
     if mine == theirs:

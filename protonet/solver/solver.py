@@ -27,7 +27,7 @@ from ..device import select_device
 from ..errors import SolverError, closest
 from ..io.text import to_text
 from ..io.upgrade import read_net, read_solver, upgrade_solver
-from ..io.weights import copy_trained_layers, read_weights, save_caffemodel
+from ..io.weights import copy_weights, save_caffemodel
 from ..net.module import NetModule
 from ..proto import caffe_pb2
 from ..pycaffe import Net
@@ -124,12 +124,12 @@ def _share_trained(target: NetModule, source: NetModule) -> None:
 
 
 def load_weights(module: NetModule, paths: str) -> None:
-    """Copy weights from a comma-separated list of .caffemodel/.h5 files."""
-    for path in (p.strip() for p in paths.split(",")):
+    """Copy weights from a comma-separated list of .caffemodel/.h5 files or zoo:NAME."""
+    from ..zoo import resolve_weights
+    for path in resolve_weights(paths).split(","):
         if path:
             log.info("Finetuning from %s", path)
-            copy_trained_layers(module.layers, read_weights(path), path,
-                                partial=path.endswith((".h5", ".hdf5")))
+            copy_weights(module.layers, path)
 
 
 class JsonLog:
@@ -601,8 +601,7 @@ class Solver:
         self.iter = state.iter
         if state.learned_net:
             model = resolve_learned_net(state_file, state.learned_net)
-            copy_trained_layers(self.train_module.layers, read_weights(model), model,
-                                partial=model.endswith((".h5", ".hdf5")))
+            copy_weights(self.train_module.layers, model)
         self.current_step = state.current_step
         log.info("%s: restoring history", type(self).__name__)
         load_history(self._rule.history, state.history, state_file)

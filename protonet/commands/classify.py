@@ -1,0 +1,70 @@
+"""`protonet classify`: top-k classes of images under a zoo model or any deploy net.
+
+A zoo name brings its weights (downloaded and verified on first use), preprocessing
+and labels; a deploy.prototxt needs --weights, and its preprocessing comes from the
+flags (by default: resize to the net's input, no mean, scale 1).
+"""
+from __future__ import annotations
+
+import os
+
+from .. import classify, zoo
+from ..device import select_device
+from ..errors import ProtonetError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("classify", help="classify images with a zoo model or deploy net",
+                       description="Print the top-k classes of each image, preprocessed "
+                                   "as Caffe's classifier does.")
+    p.add_argument("--model", required=True, help="zoo model name or deploy.prototxt")
+    p.add_argument("--weights", help="caffemodel (or zoo:NAME); default: the zoo model's")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--top-k", type=int, default=5, help="classes to print (default 5)")
+    p.add_argument("--labels", help="label file, one per line (e.g. synset_words.txt)")
+    p.add_argument("--gpu", nargs="?", const="0", help="run on GPU ID (default 0)")
+    p.add_argument("--mean-value", help="B,G,R means to subtract (overrides the model's)")
+    p.add_argument("--scale", type=float, help="multiply after mean subtraction")
+    p.add_argument("--image-size", help="resize to H[,W] before the center crop")
+    p.add_argument("--cache-dir", help="weights cache (default: $PROTONET_CACHE or "
+                                       "~/.cache/protonet)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    model = _model(args)
+    results = classify.classify(model, args.images, args.top_k,
+                                device=select_device(args.gpu))
+    for path, top in zip(args.images, results):
+        print(path)
+        for rank, (index, score, label) in enumerate(top, 1):
+            print(f"  {rank}. {score:.6f}  {index:>5}" + (f"  {label}" if label else ""))
+    return 0
+
+
+def _model(args) -> classify.Model:
+    if os.path.exists(args.model) or args.model.endswith(".prototxt"):
+        if not args.weights:
+            raise ProtonetError(f"--model {args.model} is a file: give its --weights too")
+        model = classify.Model(args.model, zoo.resolve_weights(args.weights, args.cache_dir),
+                               zoo.Preprocess(None, None, ()))
+    else:
+        model = classify.zoo_model(args.model, args.weights, args.cache_dir)
+    if args.labels:
+        model.labels = classify.read_labels(args.labels)
+    model.preprocess = _overridden(model.preprocess, args)
+    return model
+
+
+def _overridden(prep: zoo.Preprocess, args) -> zoo.Preprocess:
+    try:
+        mean = tuple(float(v) for v in args.mean_value.split(",")) \
+            if args.mean_value else prep.mean
+        size = [int(v) for v in args.image_size.split(",")] if args.image_size else None
+    except ValueError:
+        raise ProtonetError("--mean-value takes numbers like 104,117,123 and --image-size "
+                            "a size like 256 or 256,256") from None
+    return zoo.Preprocess(image_size=(size[0], size[-1]) if size else prep.image_size,
+                          crop=prep.crop, mean=mean,
+                          scale=args.scale if args.scale is not None else prep.scale,
+                          channel_order=prep.channel_order)
