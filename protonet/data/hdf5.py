@@ -7,7 +7,10 @@ the last file to the first and letting a batch span a file boundary. Paths are
 used as written, so relative ones are relative to the current directory, as in
 Caffe. A whole file is held in memory (on the layer's device) while it is read,
 as Caffe does. Shuffling draws from numpy's global generator, which the solver's
-`random_seed` seeds, so shuffled runs repeat.
+`random_seed` seeds, so shuffled runs repeat. In data-parallel training
+(protonet.solver.distributed) a TRAIN net's layer keeps every N-th row of that
+walk for its worker, as Caffe's Skip(), and shuffles with a generator the workers
+share, so their rows never overlap.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 
 from ..errors import DataError
 from ..io.atomic import atomic_call
+from ..io.hdf5 import creating, read_array, reading
 from ..layers.base import Layer
 from ..layers.registry import register
 
@@ -38,6 +42,12 @@ class HDF5Data(Layer):
                              f"{p.batch_size}")
         self.files = self._read_list(p.source)
         self.shuffle = p.shuffle
+        # Data-parallel training: row i of the endless walk is worker i % workers's
+        # (Caffe's HDF5DataLayer::Skip); their shuffles then must agree.
+        from ..solver.distributed import data_shard, shared_rng
+        self.shard_rank, self.shard_count = data_shard(self.phase)
+        self.offset = 0
+        self._random = np.random if self.shard_count == 1 else shared_rng()
         self.file_order = self._order(len(self.files))
         self.file_index = 0
         self.row_shapes = None
@@ -54,10 +64,18 @@ class HDF5Data(Layer):
             self._to_device()
         pieces: list[list[torch.Tensor]] = []
         left = self.param.hdf5_data_param.batch_size
+        step = self.shard_count
         while left:
-            take = min(left, self.rows - self.row)
-            pieces.append(self._rows(self.row, take))
-            self.row += take
+            start = self.row + (self.shard_rank - self.offset) % step   # others' rows
+            if start >= self.rows:
+                self.offset += self.rows - self.row
+                self._wrap()
+                continue
+            take = min(left, (self.rows - start + step - 1) // step)
+            pieces.append(self._rows(start, take, step))
+            end = start + (take - 1) * step + 1
+            self.offset += end - self.row
+            self.row = end
             left -= take
             if self.row == self.rows:
                 self._wrap()
@@ -86,7 +104,7 @@ class HDF5Data(Layer):
         return names
 
     def _order(self, n: int) -> np.ndarray:
-        return np.random.permutation(n) if self.shuffle else np.arange(n)
+        return self._random.permutation(n) if self.shuffle else np.arange(n)
 
     def _load(self, path: str) -> None:
         """Read every top's dataset from `path` and start a new row order."""
@@ -104,13 +122,16 @@ class HDF5Data(Layer):
             self._shuffle_rows()
 
     def _shuffle_rows(self) -> None:
-        order = torch.from_numpy(np.random.permutation(self.rows))
+        order = torch.from_numpy(self._random.permutation(self.rows))
         self.row_order = order.to(self.device)
 
-    def _rows(self, start: int, count: int) -> list[torch.Tensor]:
+    def _rows(self, start: int, count: int, step: int = 1) -> list[torch.Tensor]:
         if self.row_order is None:
-            return [t.narrow(0, start, count).clone() for t in self.tensors]
-        index = self.row_order[start:start + count]
+            if step == 1:
+                return [t.narrow(0, start, count).clone() for t in self.tensors]
+            return [t[start:start + (count - 1) * step + 1:step].clone()
+                    for t in self.tensors]
+        index = self.row_order[start:start + (count - 1) * step + 1:step]
         return [t.index_select(0, index) for t in self.tensors]
 
     def _wrap(self) -> None:
@@ -129,17 +150,19 @@ class HDF5Data(Layer):
 
 def _read_datasets(path: str, names: list[str], layer: str) -> list[np.ndarray]:
     """Each named dataset of `path` as float32, checked for rows and type."""
-    import h5py
     where = f"layer '{layer}' (HDF5Data): {path}"
     if not os.path.isfile(path):
         raise DataError(f"{where}: file not found (relative paths in the list are "
                         f"relative to the current directory, {os.getcwd()})")
-    try:
-        with h5py.File(path, "r") as f:
-            arrays = [_read_dataset(f, name, where) for name in names]
-    except OSError as e:
-        raise DataError(f"{where}: not a readable HDF5 file ({e})") from None
+
+    def fail(message: str) -> DataError:
+        return DataError(f"{where}: {message}")
+
+    with reading(path, fail) as f:
+        arrays = [_read_dataset(f, name, where, fail) for name in names]
     rows = arrays[0].shape[0]
+    if rows == 0:
+        raise DataError(f"{where}: dataset '{names[0]}' has no rows")
     for name, array in zip(names[1:], arrays[1:]):
         if array.shape[0] != rows:
             raise DataError(f"{where}: dataset '{name}' has {array.shape[0]} rows but "
@@ -147,7 +170,7 @@ def _read_datasets(path: str, names: list[str], layer: str) -> list[np.ndarray]:
     return arrays
 
 
-def _read_dataset(f, name: str, where: str) -> np.ndarray:
+def _read_dataset(f, name: str, where: str, fail) -> np.ndarray:
     if name not in f or not hasattr(f[name], "dtype"):
         found = ", ".join(sorted(f.keys())) or "none"
         raise DataError(f"{where}: no dataset '{name}' (the top's name); datasets in "
@@ -158,7 +181,7 @@ def _read_dataset(f, name: str, where: str) -> np.ndarray:
                         "floating point or integer values")
     if dataset.ndim < 1:
         raise DataError(f"{where}: dataset '{name}' is a scalar; expected at least 1 axis")
-    return np.ascontiguousarray(dataset[()], dtype=np.float32)
+    return read_array(dataset, name, fail)
 
 
 @register("HDF5Output")
@@ -193,8 +216,7 @@ class HDF5Output(Layer):
         arrays = [_legacy_4d(t) for t in (data, label)]
 
         def write(tmp: str) -> None:
-            import h5py
-            with h5py.File(tmp, "w") as f:
+            with creating(tmp) as f:
                 f.create_dataset("data", data=arrays[0])
                 f.create_dataset("label", data=arrays[1])
         atomic_call(self.file_name, write)

@@ -78,9 +78,14 @@ class _DatumSource(_Source):
     """Datum records of an LMDB/LevelDB in key order (Caffe's DataLayer)."""
 
     def __init__(self, path: str, backend: int, batch_size: int,
-                 transformer: DataTransformer, skip: int, with_label: bool):
+                 transformer: DataTransformer, skip: int, with_label: bool,
+                 shard: tuple[int, int] = (0, 1)):
         super().__init__(batch_size, transformer)
         self.path, self.backend, self.skip, self.with_label = path, backend, skip, with_label
+        # Data-parallel training: record i of the endless walk (rand_skip included)
+        # is worker i % workers's (Caffe's DataLayer::Skip).
+        self.shard_rank, self.shard_count = shard
+        self.offset = 0
         self._cursor: RecordCursor | None = None
         self._warned = False
         probe = RecordCursor(path, backend)
@@ -113,11 +118,19 @@ class _DatumSource(_Source):
         if self._cursor is None:
             self._cursor = RecordCursor(self.path, self.backend)
             self._cursor.skip(self.skip)
-        records = [self._cursor.next() for _ in range(self.batch_size)]
+            self.offset = self.skip
+        records = [self._take() for _ in range(self.batch_size)]
         items = self.map(self._item, zip(records, self.transformer.draw(len(records))))
         crops, labels = zip(*items)
         return self.transformer.collate(crops, labels if self.with_label else None,
                                         [self._where(k) for k, _ in records])
+
+    def _take(self) -> tuple[bytes, bytes]:
+        while self.offset % self.shard_count != self.shard_rank:
+            self._cursor.next()
+            self.offset += 1
+        self.offset += 1
+        return self._cursor.next()
 
     def close(self) -> None:
         super().close()
@@ -280,8 +293,10 @@ class Data(PrefetchingDataLayer):
     def make_source(self) -> _Source:
         p = self.param.data_param
         batch = self.positive_batch_size(p.batch_size, "data_param.batch_size")
+        from ..solver.distributed import data_shard
         return _DatumSource(p.source, p.backend, batch, self.make_transformer(),
-                            self.rand_skip(p.rand_skip), self.num_tops == 2)
+                            self.rand_skip(p.rand_skip), self.num_tops == 2,
+                            data_shard(self.phase))
 
 
 @register("ImageData")

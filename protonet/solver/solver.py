@@ -31,16 +31,17 @@ from ..io.weights import copy_weights, save_caffemodel
 from ..net.module import NetModule
 from ..proto import caffe_pb2
 from ..pycaffe import Net
-from ..rng import set_random_seed
+from . import distributed
 from .lr_policy import make_policy
-from .snapshot import (SolverStateData, load_history, read_state, resolve_learned_net,
-                       snapshot_filename, write_state)
+from .snapshot import (SolverStateData, check_history, load_history, read_state,
+                       resolve_learned_net, snapshot_filename, write_state)
 from .updates import RULES, UpdateRule, f32
 
 log = logging.getLogger("protonet")
 
 SP = caffe_pb2.SolverParameter
 NONE, SNAPSHOT, STOP = "none", "snapshot", "stop"      # Caffe's SolverAction
+CONTINUE = "continue"                                   # what a non-finite loss may do
 TRAIN_NET_FIELDS = ("net", "net_param", "train_net", "train_net_param")
 
 
@@ -94,6 +95,29 @@ def _read_solver_param(source) -> caffe_pb2.SolverParameter:
     return read_solver(os.fspath(source))
 
 
+def _source_name(param) -> str:
+    if isinstance(param, caffe_pb2.SolverParameter):
+        return "<solver>"
+    return os.fspath(param)
+
+
+@contextlib.contextmanager
+def _located(source: str):
+    """SolverErrors raised inside name the solver file (when they do not already)."""
+    try:
+        yield
+    except SolverError as e:
+        if str(e).startswith(source):
+            raise
+        raise SolverError(f"{source}: {e}") from None
+
+
+def _read_net_file(field: str, path: str) -> caffe_pb2.NetParameter:
+    if not path:
+        raise SolverError(f"'{field}' is empty; it should name a net prototxt")
+    return read_net(path)
+
+
 def _with_state(net: caffe_pb2.NetParameter, phase: int,
                 override: caffe_pb2.NetState | None) -> caffe_pb2.NetParameter:
     """Caffe's NetState precedence: phase, then the net's own state, then the solver's."""
@@ -142,13 +166,17 @@ class JsonLog:
         self.started = False
 
     def write(self, record: dict, append: bool) -> None:
-        if self.file is None:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            mode = "a" if append or self.started else "w"
-            self.file = open(self.path, mode, encoding="utf-8")
-            self.started = True
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            if self.file is None:
+                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+                mode = "a" if append or self.started else "w"
+                self.file = open(self.path, mode, encoding="utf-8")
+                self.started = True
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:        # a full disk: say so, rather than a traceback
+            raise SolverError(f"{self.path}: could not write the JSON log "
+                              f"({e.strerror or e})") from e
 
     def close(self) -> None:
         if self.file is not None:
@@ -162,39 +190,57 @@ class Solver:
     `param` is a solver prototxt path or a SolverParameter. `device` overrides
     solver_mode/device_id. `action` is polled once per iteration (and per test
     batch) and returns "none", "snapshot" or "stop", like Caffe's signal handler.
+    `source` names the solver in errors (default: the path). A NaN or Inf loss
+    stops training with a SolverError naming the iteration and the first layer
+    whose output is not finite, before that iteration's update; with
+    `nan_effect="continue"` training goes on, as Caffe's does. Built after
+    `distributed.init`, the solver is one worker of data-parallel training
+    (docs/distributed.md): only rank 0 tests, snapshots and writes the JSON log.
     """
 
     rule_class: ClassVar[type[UpdateRule] | None] = None   # None: from param.type
 
     def __init__(self, param, device=None, *, action: Callable[[], str] | None = None,
-                 log_json: str | None = None, progress: bool = False):
+                 log_json: str | None = None, progress: bool = False,
+                 source: str | None = None, nan_effect: str = STOP):
+        self.source = source or _source_name(param)
         self.param = _read_solver_param(param)
-        rule_class = self.rule_class or self._rule_for(self.param.type)
-        rule_class.check(self.param)
-        self._policy = make_policy(self.param)
-        self._check_param()
+        if nan_effect not in (STOP, CONTINUE):
+            raise SolverError(f"nan_effect must be '{STOP}' or '{CONTINUE}', got '{nan_effect}'")
+        self.nan_effect = nan_effect
+        with _located(self.source):
+            rule_class = self.rule_class or self._rule_for(self.param.type)
+            rule_class.check(self.param)
+            self._policy = make_policy(self.param)
+            self._check_param()
         log.info("Initializing solver from parameters: \n%s", to_text(self.param))
-        if self.param.random_seed >= 0:
-            set_random_seed(self.param.random_seed)
+        # Data-parallel workers (distributed.init): rank 0 alone tests, snapshots and logs.
+        self.rank, self.world_size = distributed.rank_world()
+        distributed.seed(self.param.random_seed)       # random_seed + rank, as Caffe
         self.device = torch.device(device) if device is not None else solver_device(self.param)
-        self.train_module = self._init_train_net()
-        self.test_modules = self._init_test_nets()
+        with _located(self.source):
+            self.train_module = self._init_train_net()
+            self.test_modules = self._init_test_nets()
         log.info("Solver scaffolding done.")
         self.iter = 0
         self.current_step = 0
         self.requested_early_exit = False
         self.action = action
-        self.progress = progress
-        self._json = JsonLog(log_json) if log_json else None
+        self.progress = progress and self.rank == 0
+        self._json = JsonLog(log_json) if log_json and self.rank == 0 else None
         self._restored = False
         self._callbacks: list[tuple[Callable, Callable]] = []
         self._views = [Net.from_module(m, self.device)
                        for m in [self.train_module, *self.test_modules]]
         self._init_update(rule_class)
+        self._sync = distributed.GradientSync(self) if self.world_size > 1 else None
+        if self._sync is not None:
+            self._callbacks.append((self._sync.on_start, self._sync.on_gradients_ready))
         self._losses: list[torch.Tensor] = []
         self._start_iter = 0
         self._bar = None
         self._display_record: dict | None = None
+        self._hooks: dict[str, list[Callable]] = {"record": [], "update": [], "snapshot": []}
 
     # -- construction ---------------------------------------------------------------
     @staticmethod
@@ -214,7 +260,7 @@ class Solver:
         if p.regularization_type not in ("L1", "L2"):
             raise SolverError(f"unknown regularization_type '{p.regularization_type}'; "
                               "expected L1 or L2")
-        if p.snapshot:
+        if p.snapshot and distributed.is_root():     # only rank 0 writes (as Caffe)
             self._check_snapshot_prefix()
 
     def _check_snapshot_prefix(self) -> None:
@@ -240,7 +286,7 @@ class Solver:
             net.CopyFrom(getattr(p, field))
         else:
             log.info("Creating training net from %s file: %s", field, getattr(p, field))
-            net = read_net(getattr(p, field))
+            net = _read_net_file(field, getattr(p, field))
         module = NetModule(_with_state(net, caffe_pb2.TRAIN, p.train_state)).to(self.device)
         for weights in p.weights:
             load_weights(module, weights)
@@ -252,7 +298,7 @@ class Solver:
         if p.HasField("net") and p.HasField("net_param"):
             raise SolverError("give either net or net_param, not both")
         sources = [("test_net_param", _copy(n)) for n in p.test_net_param]
-        sources += [(f"test_net file: {f}", read_net(f)) for f in p.test_net]
+        sources += [(f"test_net file: {f}", _read_net_file("test_net", f)) for f in p.test_net]
         generic = p.HasField("net") or p.HasField("net_param")
         if len(p.test_iter) < len(sources) or (not generic and len(p.test_iter) != len(sources)):
             raise SolverError(f"test_iter must be given once per test net: "
@@ -261,7 +307,7 @@ class Solver:
             if p.HasField("net_param"):
                 sources.append(("net_param", _copy(p.net_param)))
             else:
-                sources.append((f"net file: {p.net}", read_net(p.net)))
+                sources.append((f"net file: {p.net}", _read_net_file("net", p.net)))
         if p.test_state and len(p.test_state) != len(sources):
             raise SolverError(f"test_state must be unspecified or given once per test net "
                               f"({len(p.test_state)} for {len(sources)})")
@@ -320,6 +366,12 @@ class Solver:
         """pycaffe's add_callback: called before each iteration and before each update."""
         self._callbacks.append((on_start, on_gradients_ready))
 
+    def add_hook(self, event: str, fn: Callable) -> None:
+        """Extensions (protonet.solver.tensorboard, .ema): "record" fn(record) gets each
+        display/test record the JSON log gets, "update" fn() runs after each update,
+        "snapshot" fn(model_path) after each snapshot is written."""
+        self._hooks[event].append(fn)
+
     # -- forward passes -----------------------------------------------------------------
     def _forward(self, index: int):
         """One forward pass of net `index` (0: train); its pycaffe view keeps the blobs
@@ -335,11 +387,37 @@ class Solver:
             forward_debug(self.train_module, values)
         if loss is None:
             return values, torch.zeros((), device=self.device)
+        if self.nan_effect == STOP and not bool(torch.isfinite(loss.detach())):
+            raise self._nonfinite_error(float(loss.detach()), values)
         if loss.requires_grad:
             loss.backward()
         if debug:
             backward_debug(self.train_module)
         return values, loss.detach()
+
+    def _nonfinite_error(self, loss: float, values: list) -> SolverError:
+        """What stops training on a NaN/Inf loss: the iteration and, as Caffe's
+        debug_info would show, the first layer whose output is not finite."""
+        module = self.train_module
+        culprit = "no layer output is NaN or Inf (the loss overflowed when summed)"
+        for step in module.steps:
+            bad = [t for t in step.tops if values[t] is not None and
+                   values[t].is_floating_point() and not bool(torch.isfinite(values[t]).all())]
+            if bad:
+                layer = module.layers[step.layer]
+                culprit = (f"the first non-finite output is top '{module.blob_names[bad[0]]}' "
+                           f"of layer '{layer.layer_name}' ({layer.type})")
+                params = [j for j, p in enumerate(layer.blobs)
+                          if not bool(torch.isfinite(p.detach()).all())]
+                if params:
+                    culprit += (f", whose param blob(s) {params} are already non-finite "
+                                "(an earlier update diverged)")
+                break
+        return SolverError(
+            f"{self.source}: iteration {self.iter}: the loss is {loss}; {culprit}. Training "
+            "stopped before this update (snapshots so far are intact); lower base_lr or "
+            "check the data, or ask to train on with --nan_effect continue "
+            "(Solver(..., nan_effect='continue')).")
 
     # -- the loop -----------------------------------------------------------------------
     def step(self, iters: int) -> None:
@@ -352,7 +430,10 @@ class Solver:
             self._clear_diffs()
             if p.test_interval and self.iter % p.test_interval == 0 and (
                     self.iter > 0 or p.test_initialization):
-                self.test_all()
+                if self.rank == 0:
+                    self.test_all()
+                if self._sync is not None:
+                    self.requested_early_exit = self._sync.agree(self.requested_early_exit)
                 if self.requested_early_exit:
                     break
             for on_start, _ in self._callbacks:
@@ -366,6 +447,8 @@ class Solver:
             for _, on_gradients_ready in self._callbacks:
                 on_gradients_ready()
             self.apply_update()
+            for fn in self._hooks["update"]:
+                fn()
             if self._bar is not None:
                 self._bar.update()
             request = self._request()
@@ -427,6 +510,8 @@ class Solver:
             self._bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
 
     def _request(self) -> str:
+        if self._sync is not None:          # rank 0's request, on every worker alike
+            return self._sync.request()
         return self.action() if self.action is not None else NONE
 
     # -- the update ----------------------------------------------------------------------
@@ -455,10 +540,17 @@ class Solver:
 
     def _emit_display(self, rate: float) -> None:
         record, self._display_record = self._display_record, None
-        if record is not None and self._json is not None:
+        if record is not None:
             record["lr"] = rate
             record["time"] = time.time()
+            self._publish(record)
+
+    def _publish(self, record: dict) -> None:
+        """A display/test record to the JSON log and the "record" hooks."""
+        if self._json is not None:
             self._json.write(record, self._restored)
+        for fn in self._hooks["record"]:
+            fn(record)
 
     def _clip(self, grads: list[torch.Tensor]) -> None:
         clip = self.param.clip_gradients
@@ -528,9 +620,8 @@ class Solver:
         for i, ((name, weight), value) in enumerate(zip(labels, means)):
             log.info("    Test net output #%d: %s", i, score_line(value, name, weight))
         record["outputs"] = group_scores(labels, means)
-        if self._json is not None:
-            record["time"] = time.time()
-            self._json.write(record, self._restored)
+        record["time"] = time.time()
+        self._publish(record)
         return record["outputs"]
 
     def _test_interrupted(self) -> bool:
@@ -559,6 +650,8 @@ class Solver:
                 self._json.close()
 
     def _finish(self) -> None:
+        if self.rank != 0:          # Caffe's other workers only Step; rank 0 finishes
+            return
         p = self.param
         if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
             self.snapshot()
@@ -577,7 +670,10 @@ class Solver:
     # -- snapshots --------------------------------------------------------------------------
     def snapshot(self) -> str:
         """Write the model and the solver state for the current iteration; returns the
-        solver state's path."""
+        solver state's path. Only rank 0 of data-parallel workers writes (the others,
+        holding the same params, return "")."""
+        if self.rank != 0:
+            return ""
         p = self.param
         if not p.snapshot_prefix:
             raise SolverError("cannot snapshot: snapshot_prefix is not set")
@@ -592,19 +688,25 @@ class Solver:
         log.info("Snapshotting solver state to %s file %s", kind, state_path)
         history = [h.detach().cpu().numpy() for h in self._rule.history]
         write_state(state_path, SolverStateData(self.iter, model, self.current_step, history))
+        for fn in self._hooks["snapshot"]:
+            fn(model)
         return state_path
 
     def restore(self, state_file: str) -> None:
         """Resume from a .solverstate or .solverstate.h5 (Caffe's or ours)."""
         state_file = os.fspath(state_file)
         state = read_state(state_file)
-        self.iter = state.iter
+        if state.iter < 0 or state.current_step < 0:
+            raise SolverError(f"{state_file}: iter {state.iter} and current_step "
+                              f"{state.current_step} must not be negative")
+        check_history(self._rule.history, state.history, state_file)  # before any change
         if state.learned_net:
             model = resolve_learned_net(state_file, state.learned_net)
             copy_weights(self.train_module.layers, model)
-        self.current_step = state.current_step
         log.info("%s: restoring history", type(self).__name__)
         load_history(self._rule.history, state.history, state_file)
+        self.iter = state.iter
+        self.current_step = state.current_step
         self._restored = True
 
 
@@ -706,6 +808,8 @@ SOLVERS: dict[str, type[Solver]] = {
 def get_solver(param, device=None, **options) -> Solver:
     """The solver class its `type` names (Caffe's SolverRegistry), built from a
     prototxt path or a SolverParameter."""
+    options.setdefault("source", _source_name(param))
     param = _read_solver_param(param)
-    Solver._rule_for(param.type)
+    with _located(options["source"]):
+        Solver._rule_for(param.type)
     return SOLVERS[param.type](param, device, **options)
