@@ -5,6 +5,11 @@ bilinearly to the entry's image size, center-cropped to the net's input (the off
 Caffe's DataTransformer uses in TEST: floor((H - h) / 2)), then becomes
 (pixel - mean) * scale, the order of Caffe's Transformer. The net's output for each
 image is ranked into its top k classes.
+
+With `oversample` (pycaffe's Classifier.predict(oversample=True)), the resized image
+gives ten crops of the net's input size instead of the center one — the four corners
+and the center (caffe.io.oversample's order), then the same five mirrored left-right —
+and the net's outputs for the ten are averaged (float32, as numpy's mean in pycaffe).
 """
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ from .errors import ProtonetError
 from .pycaffe import TEST, Net
 
 BATCH = 16        # images per forward pass
+OVERSAMPLE_BATCH = 4    # images per forward pass when each gives 10 crops
+CROPS = 10
 
 
 @dataclass
@@ -51,19 +58,52 @@ def center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return image[top:top + height, left:left + width]
 
 
-def preprocess(image: np.ndarray, prep: zoo.Preprocess, size: tuple[int, int]) -> np.ndarray:
-    """One BGR uint8 image -> the (3, h, w) float32 input for a net whose input is `size`."""
+def oversample(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """pycaffe's caffe.io.oversample for one (H, W, C) image: (10, height, width, C),
+    the crops at the top-left, top-right, bottom-left and bottom-right corners and the
+    center, then those five mirrored left-right."""
+    h, w = image.shape[:2]
+    if h < height or w < width:
+        raise ProtonetError(f"cannot crop {height}x{width} from a {h}x{w} image")
+    # pycaffe's center crop starts at int(H / 2 - height / 2), which is this floor.
+    origins = [(0, 0), (0, w - width), (h - height, 0), (h - height, w - width),
+               ((h - height) // 2, (w - width) // 2)]
+    crops = [image[top:top + height, left:left + width] for top, left in origins]
+    crops += [crop[:, ::-1] for crop in crops]
+    return np.stack(crops)
+
+
+def _oriented_resized(image: np.ndarray, prep: zoo.Preprocess,
+                      size: tuple[int, int]) -> np.ndarray:
+    """Channel order as the model wants, resized to the entry's image size (else `size`)."""
     if prep.channel_order == "RGB":
         image = image[:, :, ::-1]
     resize = prep.image_size or size
     if image.shape[:2] != tuple(resize):
         image = cv2.resize(image, (resize[1], resize[0]), interpolation=cv2.INTER_LINEAR)
-    image = center_crop(image, *size).astype(np.float32)
+    return image
+
+
+def _to_input(crop: np.ndarray, prep: zoo.Preprocess) -> np.ndarray:
+    """(h, w, C) crop -> (C, h, w) float32 net input: (pixel - mean) * scale."""
+    crop = crop.astype(np.float32)
     if prep.mean:
-        image -= np.asarray(prep.mean, dtype=np.float32)
+        crop -= np.asarray(prep.mean, dtype=np.float32)
     if prep.scale != 1:
-        image *= np.float32(prep.scale)
-    return np.ascontiguousarray(image.transpose(2, 0, 1))
+        crop *= np.float32(prep.scale)
+    return np.ascontiguousarray(crop.transpose(2, 0, 1))
+
+
+def preprocess(image: np.ndarray, prep: zoo.Preprocess, size: tuple[int, int]) -> np.ndarray:
+    """One BGR uint8 image -> the (3, h, w) float32 input for a net whose input is `size`."""
+    return _to_input(center_crop(_oriented_resized(image, prep, size), *size), prep)
+
+
+def preprocess_oversampled(image: np.ndarray, prep: zoo.Preprocess,
+                           size: tuple[int, int]) -> np.ndarray:
+    """One BGR uint8 image -> its ten (3, h, w) crops' inputs, (10, 3, h, w)."""
+    crops = oversample(_oriented_resized(image, prep, size), *size)
+    return np.stack([_to_input(crop, prep) for crop in crops])
 
 
 def read_labels(path: str) -> list[str]:
@@ -92,8 +132,9 @@ def input_size(net: Net, prep: zoo.Preprocess) -> tuple[int, int]:
 
 
 def classify(model: Model, images: Sequence[str], k: int = 5,
-             device: str = "cpu") -> list[list[tuple]]:
-    """Top-k (index, score, label) for each image, in order."""
+             device: str = "cpu", oversample: bool = False) -> list[list[tuple]]:
+    """Top-k (index, score, label) for each image, in order; with `oversample`, of the
+    outputs averaged over ten crops (corners, center and their mirrors)."""
     net = Net(model.deploy, model.weights, TEST, device=device)
     if len(net.inputs) != 1:
         raise ProtonetError(f"{model.deploy}: classification needs a net with one input, "
@@ -103,13 +144,21 @@ def classify(model: Model, images: Sequence[str], k: int = 5,
         raise ProtonetError(f"{model.deploy}: no output blob '{output}'")
     size = input_size(net, model.preprocess)
     results = []
-    for start in range(0, len(images), BATCH):
-        paths = images[start:start + BATCH]
-        batch = np.stack([preprocess(load_image(p), model.preprocess, size) for p in paths])
+    per_pass = OVERSAMPLE_BATCH if oversample else BATCH
+    for start in range(0, len(images), per_pass):
+        paths = images[start:start + per_pass]
+        if oversample:
+            batch = np.concatenate([preprocess_oversampled(load_image(p), model.preprocess,
+                                                           size) for p in paths])
+        else:
+            batch = np.stack([preprocess(load_image(p), model.preprocess, size)
+                              for p in paths])
         net.blobs[net.inputs[0]].reshape(*batch.shape)
         net.reshape()
         with torch.no_grad():
             scores = net.forward(**{net.inputs[0]: batch})[output]
+        if oversample:
+            scores = scores.reshape(len(paths), CROPS, -1).mean(axis=1)
         results += [top_k(s, k, model.labels) for s in scores]
     return results
 

@@ -26,6 +26,9 @@ def register(sub) -> None:
     p.add_argument("--mean-value", help="B,G,R means to subtract (overrides the model's)")
     p.add_argument("--scale", type=float, help="multiply after mean subtraction")
     p.add_argument("--image-size", help="resize to H[,W] before the center crop")
+    p.add_argument("--oversample", action="store_true",
+                   help="average the outputs of 10 crops: the 4 corners and the center "
+                        "of the resized image, and their mirrors (pycaffe's oversample)")
     p.add_argument("--cache-dir", help="weights cache (default: $PROTONET_CACHE or "
                                        "~/.cache/protonet)")
     p.set_defaults(func=run)
@@ -34,7 +37,7 @@ def register(sub) -> None:
 def run(args) -> int:
     model = _model(args)
     results = classify.classify(model, args.images, args.top_k,
-                                device=select_device(args.gpu))
+                                device=select_device(args.gpu), oversample=args.oversample)
     for path, top in zip(args.images, results):
         print(path)
         for rank, (index, score, label) in enumerate(top, 1):

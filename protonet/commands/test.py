@@ -2,15 +2,23 @@
 
 Every batch's output values are logged, then the mean of each output element over
 the batches (loss outputs with their loss weight), which is what Caffe prints.
+
+Several comma-separated --weights are copied in order into the one net (later files
+overwrite same-named layers), as training's --weights. With --ensemble each file, or
+each match of a glob such as 'snap/lenet_iter_*.caffemodel', is scored as a member of
+an ensemble instead: see protonet.ensemble.
 """
 from __future__ import annotations
 
 import logging
+import os
+import re
 
 import numpy as np
 import torch
 
 from ..device import select_device
+from ..errors import ProtonetError
 from ..io.upgrade import read_net
 from ..net.module import NetModule
 from ..proto import caffe_pb2
@@ -24,12 +32,22 @@ def register(sub) -> None:
     p = sub.add_parser("test", help="score a model's outputs over test batches",
                        description="Run the TEST phase net as caffe test does.")
     p.add_argument("--model", required=True, help="net prototxt")
-    p.add_argument("--weights", required=True, help="caffemodel(s), comma-separated")
+    p.add_argument("--weights", required=True,
+                   help="caffemodel(s), comma-separated: copied in order into the net; "
+                        "with --ensemble, the members (globs allowed)")
     p.add_argument("--iterations", type=int, default=50, help="batches to run (default 50)")
     p.add_argument("--gpu", help="GPU id to run on (CPU when absent)")
     p.add_argument("--level", type=int, default=0, help="net level")
     p.add_argument("--stage", action="append", default=[],
                    help="net stage (repeat or comma-separate)")
+    p.add_argument("--ensemble", action="store_true",
+                   help="score each weights file as an ensemble member: each member's "
+                        "outputs, their mean, and the accuracy/loss of the averaged "
+                        "predictions")
+    p.add_argument("--ensemble-mean", "--ensemble_mean", dest="ensemble_mean",
+                   choices=("prob", "score"), default="prob",
+                   help="average softmax probabilities (prob, default) or raw "
+                        "predictions (score)")
     p.set_defaults(func=run)
 
 
@@ -42,6 +60,12 @@ def run(args) -> int:
     stages = [s for arg in args.stage for s in arg.split(",") if s]
     module = NetModule(read_net(args.model), phase=caffe_pb2.TEST, level=args.level,
                        stages=stages).to(device)
+    if args.ensemble:
+        return _run_ensemble(args, module)
+    if any(re.search(r"[*?\[]", item) and not os.path.exists(item)
+           for item in args.weights.split(",")):
+        raise ProtonetError(f"--weights {args.weights}: patterns are expanded only with "
+                            "--ensemble (to score the matches as an ensemble)")
     load_weights(module, args.weights)
     log.info("Running for %d iterations.", args.iterations)
     sums, labels, loss = None, [], np.float32(0)
@@ -61,4 +85,14 @@ def run(args) -> int:
     means = (sums / args.iterations).tolist() if sums is not None else []
     for (name, weight), mean in zip(labels, means):
         log.info("%s", score_line(mean, name, weight))
+    return 0
+
+
+def _run_ensemble(args, module: NetModule) -> int:
+    from .. import ensemble
+    files = ensemble.expand_weights(args.weights)
+    scorer = ensemble.Ensemble(module, files, args.ensemble_mean)
+    log.info("Running %d member(s) for %d iterations, averaging %s.", len(files),
+             args.iterations, "probabilities" if args.ensemble_mean == "prob" else "scores")
+    ensemble.log_result(scorer.run(args.iterations))
     return 0
