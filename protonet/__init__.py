@@ -1,4 +1,5 @@
 """protonet: Caffe's declarative models (prototxt, caffemodel, LMDB) run on PyTorch."""
+from . import limits  # noqa: F401  (first: sets OpenCV's image size limit before cv2 loads)
 from . import data  # noqa: F401  (registers the data layers)
 from .errors import (DataError, NetError, ParseError, ProtonetError, ShapeError,
                      SolverError, WeightsError)

@@ -33,9 +33,11 @@ class NetError(ProtonetError):
     def __init__(self, message: str, layer: str | None = None,
                  layer_type: str | None = None):
         self.layer, self.layer_type = layer, layer_type
+        self.detail = message                   # the message without the layer
         if layer is not None:
             kind = f" ({layer_type})" if layer_type else ""
-            message = f"layer '{layer}'{kind}: {message}"
+            label = f"layer '{layer}'" if layer else "an unnamed layer"
+            message = f"{label}{kind}: {message}"
         super().__init__(message)
 
 

@@ -1,4 +1,11 @@
-"""`protonet time`: per-layer forward/backward timings, like `caffe time`."""
+"""`protonet time`: per-layer forward/backward timings, like `caffe time`.
+
+Caffe's flags keep their meaning. The fast paths of protonet.speed are opt-in:
+--precision bf16|fp16 (autocast for the layer-by-layer and training passes, pre-cast
+weights in the inference plan), --channels-last (NHWC activations), --compile
+(torch.compile of the inference plan). On CPU, freed tensor memory is kept for reuse
+(protonet.speed.keep_freed_memory), as Caffe keeps its blobs between iterations.
+"""
 from __future__ import annotations
 
 import logging
@@ -7,7 +14,8 @@ from ..device import select_device
 from ..io.upgrade import read_net
 from ..net.module import NetModule
 from ..proto import caffe_pb2
-from ..timing import time_net
+from ..speed import PRECISIONS, keep_freed_memory
+from ..timing import TimingOptions, time_net
 
 log = logging.getLogger("protonet")
 
@@ -22,19 +30,30 @@ def register(sub) -> None:
     p.add_argument("--level", type=int, default=0)
     p.add_argument("--stage", action="append", default=[],
                    help="net stage (repeat or comma-separate)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                   help="fp32 (Caffe's numerics), or bf16/fp16 convolutions and products")
+    p.add_argument("--channels-last", "--channels_last", dest="channels_last",
+                   action="store_true", help="NHWC activations (faster on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the inference plan (eager if compiling fails)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     device = select_device(args.gpu)
+    if device.type == "cpu":
+        keep_freed_memory()
     stages = [s for arg in args.stage for s in arg.split(",") if s]
     net = read_net(args.model)
     net.force_backward = True   # caffe time runs every layer's Backward
     module = NetModule(net, phase=getattr(caffe_pb2, args.phase), level=args.level,
                        stages=stages).to(device)
+    options = TimingOptions(args.precision, args.channels_last, args.compile)
     log.info("*** Benchmark begins ***")
-    log.info("Testing for %d iterations.", args.iterations)
-    t = time_net(module, args.iterations, device,
+    log.info("Testing for %d iterations (precision %s%s%s).", args.iterations,
+             args.precision, ", channels-last" if args.channels_last else "",
+             ", compile" if args.compile else "")
+    t = time_net(module, args.iterations, device, options=options,
                  on_iteration=lambda i, ms: log.info(
                      "Iteration: %d forward-backward time: %.3f ms.", i, ms))
     width = max((len(n) for n in t.layer_names), default=10)
@@ -46,7 +65,9 @@ def run(args) -> int:
     log.info("Average Backward pass: %.4f ms.", t.backward_total)
     log.info("Average Forward-Backward: %.4f ms.", sum(t.iteration_ms) / max(len(t.iteration_ms), 1))
     log.info("Total Time: %.4f ms.", sum(t.iteration_ms))
-    log.info("Whole net, median: forward (inference) %.3f ms, forward+backward %.3f ms.",
+    if args.compile and not t.compiled:
+        log.info("torch.compile was not used: the inference plan ran eagerly.")
+    log.info("Whole net, median: forward (inference plan) %.3f ms, forward+backward %.3f ms.",
              t.net_forward_ms, t.net_forward_backward_ms)
     log.info("*** Benchmark ends ***")
     return 0

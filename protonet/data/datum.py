@@ -10,6 +10,9 @@ IMREAD_COLOR / IMREAD_GRAYSCALE.
 """
 from __future__ import annotations
 
+import struct
+
+from .. import limits  # before cv2: it sets OpenCV's image size limit
 import cv2
 import numpy as np
 from google.protobuf import message as pb_message
@@ -52,12 +55,90 @@ def decode_datum(datum: caffe_pb2.Datum, where: str, force_color: bool = False,
 
 
 def decode_image_bytes(data: bytes, flag: int, where: str) -> np.ndarray:
-    """An encoded image (JPEG/PNG/...) decoded by OpenCV into (C, H, W) uint8."""
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
+    """An encoded image (JPEG/PNG/...) decoded by OpenCV into (C, H, W) uint8.
+
+    The size in a PNG, JPEG, GIF or BMP header is checked against
+    protonet.limits.max_image_pixels before OpenCV allocates the image."""
+    check_image_header(data, where)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag) if data else None
+    except cv2.error as e:
+        raise DataError(f"{where}: OpenCV cannot decode the encoded image "
+                        f"({len(data)} bytes): {_cv_message(e)}") from None
     if image is None:
         raise DataError(f"{where}: could not decode the encoded image "
                         f"({len(data)} bytes)")
     return to_chw(image, where)
+
+
+def check_image_header(data: bytes, where: str, file_size: int | None = None) -> None:
+    """Refuse an image whose header asks for more pixels than the limit allows, or
+    (PNG) whose chunks claim more bytes than the file has: OpenCV allocates what a
+    chunk claims before it reads. `data` may be the first part of a longer file of
+    `file_size` bytes."""
+    size = image_size(data)
+    if size is not None:
+        problem = limits.image_problem(*size)
+        if problem:
+            raise DataError(f"{where}: {problem}")
+    if data[:8] == _PNG:
+        total = len(data) if file_size is None else file_size
+        at = 8
+        while at + 8 <= len(data):
+            length = struct.unpack(">I", data[at:at + 4])[0]
+            if length > 2**31 - 1 or at + 12 + length > total:
+                raise DataError(f"{where}: PNG chunk at byte {at} claims {length} bytes; "
+                                f"the file has {total}: it is truncated or corrupt")
+            if data[at + 4:at + 8] == b"IEND":
+                break
+            at += 12 + length
+
+
+def _cv_message(error: Exception) -> str:
+    """The useful last line of an OpenCV error."""
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__
+
+
+_PNG = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (all but DHT 0xC4, JPG 0xC8 and DAC 0xCC).
+_SOF = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG, JPEG, GIF or BMP header; None for other data."""
+    if data[:8] == _PNG and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        return struct.unpack("<HH", data[6:10])
+    if data[:2] == b"BM" and len(data) >= 26:
+        width, height = struct.unpack("<ii", data[18:26])
+        return abs(width), abs(height)
+    if data[:2] == b"\xff\xd8":
+        return _jpeg_size(data)
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    at, end = 2, len(data)
+    while at + 4 <= end:
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:                      # fill byte
+            at += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
+            at += 2                             # markers without a length
+            continue
+        if marker in (0xD9, 0xDA):              # end of image, start of scan: no frame
+            return None
+        length = struct.unpack(">H", data[at + 2:at + 4])[0]
+        if marker in _SOF and at + 9 <= end:
+            height, width = struct.unpack(">HH", data[at + 5:at + 9])
+            return width, height
+        at += 2 + length
+    return None
 
 
 def to_chw(image: np.ndarray, where: str) -> np.ndarray:

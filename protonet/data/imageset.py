@@ -30,10 +30,11 @@ import lmdb
 import numpy as np
 from tqdm import tqdm
 
+from .. import limits
 from ..errors import DataError
 from ..io.binary import write_binary
 from ..proto import caffe_pb2
-from .datum import decode_datum, encoded_datum, parse_datum, raw_datum
+from .datum import check_image_header, decode_datum, encoded_datum, parse_datum, raw_datum
 from .lmdb_source import LMDB, RecordCursor, backend_value, import_plyvel
 from .prefetch import default_workers, ordered_map
 
@@ -42,6 +43,8 @@ log = logging.getLogger("protonet")
 COMMIT_EVERY = 1000            # records per transaction, as convert_imageset
 LMDB_START_MAP_SIZE = 10 << 20  # LMDB's default map size; doubled when full
 _LEADING_INT = re.compile(rb"\s*([+-]?\d+)")
+HEADER_BYTES = 1 << 18      # where image headers (JPEG after its EXIF block) end
+INT32 = (-2**31, 2**31 - 1)
 
 
 # --- image lists and image files ---------------------------------------------
@@ -62,12 +65,16 @@ def read_image_list(path: str) -> list[tuple[str, int]]:
     if raw_lines and raw_lines[-1] == b"":
         raw_lines.pop()             # the final newline ends a line, it starts none
     entries = []
-    for line in raw_lines:
+    for number, line in enumerate(raw_lines, 1):
         name, space, label = line.rpartition(b" ")
         if not space:
             name, label = line, line
         match = _LEADING_INT.match(label)
-        entries.append((os.fsdecode(name), int(match.group(1)) if match else 0))
+        value = int(match.group(1)) if match else 0
+        if not INT32[0] <= value <= INT32[1]:
+            raise DataError(f"{path}:{number}: label {value} does not fit Caffe's int32 "
+                            "labels")
+        entries.append((os.fsdecode(name), value))
     if not entries:
         raise DataError(f"{path}: the image list is empty")
     return entries
@@ -76,9 +83,22 @@ def read_image_list(path: str) -> list[tuple[str, int]]:
 def read_image(path: str, height: int = 0, width: int = 0,
                is_color: bool = True) -> np.ndarray:
     """An image file as OpenCV's (H, W[, 3]) uint8 BGR, resized when both sizes > 0."""
+    if "\0" in path:
+        raise DataError(f"{path!r}: an image path cannot contain a NUL byte")
+    if height > 0 and width > 0 and limits.image_problem(width, height):
+        raise DataError(f"{path}: cannot resize to {width}x{height}: "
+                        f"{limits.image_problem(width, height)}")
     if not os.path.isfile(path):
         raise DataError(f"{path}: image not found")
-    image = cv2.imread(path, cv2.IMREAD_COLOR if is_color else cv2.IMREAD_GRAYSCALE)
+    try:
+        with open(path, "rb") as f:
+            check_image_header(f.read(HEADER_BYTES), path, os.fstat(f.fileno()).st_size)
+        image = cv2.imread(path, cv2.IMREAD_COLOR if is_color else cv2.IMREAD_GRAYSCALE)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the image ({e.strerror})") from None
+    except cv2.error as e:
+        raise DataError(f"{path}: OpenCV cannot read the image: "
+                        f"{str(e).strip().splitlines()[-1]}") from None
     if image is None:
         raise DataError(f"{path}: not a readable image")
     if height > 0 and width > 0:
@@ -234,6 +254,9 @@ class _staging_dir:
     def __exit__(self, kind, error, trace) -> None:
         if kind is not None:
             shutil.rmtree(self.path, ignore_errors=True)
+            if isinstance(error, (lmdb.Error, OSError)):    # a full disk, a size limit
+                raise DataError(f"{self.target}: could not write the database ({error}); "
+                                "nothing was left under that name") from error
             return
         os.chmod(self.path, 0o755)
         try:

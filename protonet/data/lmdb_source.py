@@ -153,10 +153,16 @@ class _LmdbStore:
             raise DataError(f"{path}: cannot read the LMDB ({e})") from None
 
     def records(self) -> Iterator[tuple[bytes, bytes]]:
-        return iter(self.txn.cursor())
+        try:
+            yield from self.txn.cursor()
+        except lmdb.Error as e:     # liblmdb found a damaged page while walking
+            raise DataError(f"{self.path}: the LMDB is damaged ({e})") from None
 
     def size_hint(self) -> int | None:
-        return self.txn.stat()["entries"]
+        try:
+            return self.txn.stat()["entries"]
+        except lmdb.Error as e:
+            raise DataError(f"{self.path}: the LMDB is damaged ({e})") from None
 
     def close(self) -> None:
         if self.txn is not None:

@@ -5,6 +5,7 @@ import os
 from typing import TypeVar
 
 from google.protobuf import message as pb_message
+from google.protobuf.descriptor import FieldDescriptor
 
 from ..errors import ParseError
 from .atomic import atomic_write
@@ -29,6 +30,8 @@ def read_binary(path: str, message: M) -> M:
         raise ParseError("is a directory, expected a file", path) from None
     except OSError as e:
         raise ParseError(f"cannot read ({e.strerror})", path) from None
+    except ValueError:          # a NUL byte in the name
+        raise ParseError("not a valid file name", repr(path)) from None
     return parse_binary(data, message, path)
 
 
@@ -40,7 +43,31 @@ def parse_binary(data: bytes, message: M, path: str | None = None) -> M:
         name = message.DESCRIPTOR.full_name
         raise ParseError(f"not a valid binary {name} ({e}); the file is truncated, "
                          "corrupt, or of another kind", path) from None
+    bad = _non_utf8_field(message)
+    if bad:
+        raise ParseError(f"field {bad} is not UTF-8 text; the file is corrupt or of "
+                         "another kind", path)
     return message
+
+
+def _non_utf8_field(message: pb_message.Message, prefix: str = "") -> str | None:
+    """The path of a string field that holds non-UTF-8 bytes (protobuf hands those
+    out as bytes, which nothing downstream expects), or None."""
+    for field, value in message.ListFields():
+        name = prefix + field.name
+        if field.type == FieldDescriptor.TYPE_STRING:
+            values = value if field.is_repeated else [value]
+            for i, text in enumerate(values):
+                if isinstance(text, bytes):
+                    return f"{name}[{i}]" if field.is_repeated else name
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            values = value if field.is_repeated else [value]
+            for i, sub in enumerate(values):
+                where = f"{name}[{i}]." if field.is_repeated else f"{name}."
+                bad = _non_utf8_field(sub, where)
+                if bad:
+                    return bad
+    return None
 
 
 def write_binary(path: str, message: pb_message.Message) -> None:

@@ -6,6 +6,7 @@ their meaning maps exactly onto a BVLC field they are rewritten with a warning
 """
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from typing import Callable, TypeVar
@@ -75,14 +76,23 @@ def write_text(path: str, message: pb_message.Message) -> None:
     atomic_write(path, to_text(message))
 
 
+# The protobuf size limit Caffe's readers have; text files get the same bound.
+MAX_TEXT_BYTES = 2**31 - 1
+
+
 def _read_file(path: str) -> str:
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_TEXT_BYTES:
+                raise ParseError(f"{size} bytes is over the 2 GiB protobuf limit", path)
             raw = f.read()
     except FileNotFoundError:
         raise ParseError("file not found", path) from None
     except OSError as e:
         raise ParseError(f"cannot read ({e.strerror})", path) from None
+    except ValueError:          # a NUL byte in the name
+        raise ParseError("not a valid file name", repr(path)) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -7,6 +7,7 @@ mismatch is an error that tells the user to rename the layer to learn it afresh.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Iterable
 
@@ -14,9 +15,11 @@ import numpy as np
 import torch
 
 from ..errors import ParseError, WeightsError
+from ..limits import shape_problem
 from ..proto import caffe_pb2
 from .atomic import atomic_call
 from .binary import write_binary
+from .hdf5 import creating, read_array, reading
 
 log = logging.getLogger("protonet")
 
@@ -34,12 +37,15 @@ def blob_to_array(blob: caffe_pb2.BlobProto, diff: bool = False,
                   where: str = "blob") -> np.ndarray:
     """BlobProto values as a float32 array in the blob's shape."""
     shape = blob_shape(blob)
+    problem = shape_problem(shape)
+    if problem:
+        raise WeightsError(f"{where}: {problem}")
     if diff:
         values = blob.double_diff if len(blob.double_diff) else blob.diff
     else:
         values = blob.double_data if len(blob.double_data) else blob.data
     array = np.asarray(values, dtype=np.float32)
-    count = int(np.prod(shape)) if shape else len(array)
+    count = math.prod(shape) if shape else len(array)
     if array.size != count:
         raise WeightsError(f"{where}: holds {array.size} values but its shape "
                            f"{list(shape)} needs {count}")
@@ -91,27 +97,42 @@ def is_hdf5(path: str) -> bool:
 def _read_hdf5(path: str) -> caffe_pb2.NetParameter:
     import h5py
     net = caffe_pb2.NetParameter()
-    try:
-        with h5py.File(path, "r") as f:
-            if "data" not in f:
-                raise ParseError("HDF5 weights need a 'data' group (as Caffe writes)", path)
-            for name, group in f["data"].items():
-                layer = net.layer.add()
-                layer.name = name
-                try:
-                    indices = {int(key): key for key in group.keys()}
-                except ValueError:
-                    raise ParseError(f"group data/{name} holds datasets not named by "
-                                     f"param index: {sorted(group.keys())}", path) from None
-                for j in range(max(indices) + 1 if indices else 0):
-                    blob = layer.blobs.add()        # stays empty where the file has none
-                    if j in indices:
-                        array_to_blob(np.asarray(group[indices[j]], dtype=np.float32), blob)
-    except FileNotFoundError:
-        raise ParseError("file not found", path) from None
-    except OSError as e:
-        raise ParseError(f"not a readable HDF5 file ({e})", path) from None
+
+    def fail(message: str) -> ParseError:
+        return ParseError(message, path)
+
+    with reading(path, fail) as f:
+        data = f.get("data")
+        if not isinstance(data, h5py.Group):
+            raise fail("HDF5 weights need a 'data' group (as Caffe writes)")
+        for name, group in data.items():
+            if not isinstance(group, h5py.Group):
+                raise fail(f"data/{name} is a dataset; Caffe's layout is "
+                           "data/<layer>/<param index>")
+            indices = _param_indices(group, f"data/{name}", fail)
+            layer = net.layer.add()
+            layer.name = name
+            for j in range(max(indices) + 1 if indices else 0):
+                blob = layer.blobs.add()        # stays empty where the file has none
+                if j in indices:
+                    values = read_array(group[indices[j]], f"data/{name}/{j}", fail)
+                    array_to_blob(values, blob)
     return net
+
+
+# No Caffe layer has this many params; a bigger index is damage, not a layout.
+MAX_PARAM_INDEX = 1 << 16
+
+
+def _param_indices(group, where: str, fail) -> dict[int, str]:
+    """{param index: dataset name} of a layer group, names checked."""
+    indices = {}
+    for key in group.keys():
+        if not (key.isascii() and key.isdigit()) or int(key) > MAX_PARAM_INDEX:
+            raise fail(f"group {where} holds '{key}', which is not a param index "
+                       f"(0 to {MAX_PARAM_INDEX}); datasets: {sorted(group.keys())[:10]}")
+        indices[int(key)] = key
+    return indices
 
 
 def copy_trained_layers(layers: Iterable, source: caffe_pb2.NetParameter,
@@ -213,10 +234,8 @@ def save_caffemodel(module, path: str, write_diff: bool = False) -> None:
 
 def save_hdf5(module, path: str, write_diff: bool = False) -> None:
     """Caffe's Net::ToHDF5 layout: /data/<layer>/<i> (and /diff/... when asked)."""
-    import h5py
-
     def write(tmp: str) -> None:
-        with h5py.File(tmp, "w") as f:
+        with creating(tmp) as f:
             data = f.create_group("data")
             diff = f.create_group("diff") if write_diff else None
             owned = {id(entry.param) for entry in module.learnable}

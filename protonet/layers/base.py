@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import NetError, ShapeError
 from ..fillers import fill
+from ..limits import shape_problem
 from ..proto import caffe_pb2
 
 Shape = tuple[int, ...]
@@ -71,6 +72,9 @@ class Layer(nn.Module):
     def add_blob(self, shape: Sequence[int], filler: caffe_pb2.FillerParameter | None = None,
                  value: float | None = None) -> nn.Parameter:
         """Append a param blob, filled by `filler` (or the constant `value`)."""
+        problem = shape_problem(shape)
+        if problem:         # refused before anything is allocated
+            raise self.shape_error(f"param blob {len(self.blobs)}: {problem}")
         if filler is None:
             data = torch.full(tuple(shape), 0.0 if value is None else value)
         else:

@@ -125,10 +125,13 @@ class _BaseConvolution(Layer):
 
     def forward(self, *bottoms):
         bias = self.blobs[1] if self.bias_term else None
-        tops = [self._convolve(x, self.blobs[0], bias) for x in bottoms]
+        tops = [self.convolve(x, self.blobs[0], bias) for x in bottoms]
         return tops if len(tops) > 1 else tops[0]
 
-    def _convolve(self, x, weight, bias):
+    def convolve(self, x, weight, bias):
+        """This layer's convolution of one bottom with the given weight and bias."""
+        if self.axis == 1:
+            return self._op(x, weight, bias)
         lead = x.shape[:self.axis]
         batch = math.prod(lead)
         y = self._op(x.reshape((batch,) + tuple(x.shape[self.axis:])), weight, bias)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..fillers import fill
+from ..limits import shape_problem
 from ..proto import caffe_pb2
 from .base import Layer
 from .registry import register
@@ -70,6 +71,10 @@ class DummyData(Layer):
                 if len(p.shape) not in (1, n):
                     raise self.error(f"'shape' must be given once or once per top ({n})")
                 self.shapes.append(tuple(p.shape[0 if len(p.shape) == 1 else i].dim))
+        for i, shape in enumerate(self.shapes):
+            problem = shape_problem(shape)
+            if problem:         # refused before the constant fillers allocate
+                raise self.shape_error(f"top {i}: {problem}")
         default = caffe_pb2.FillerParameter(type="constant", value=0.0)
         self.fillers = [p.data_filler[i] if len(p.data_filler) == n else
                         p.data_filler[0] if len(p.data_filler) == 1 else default

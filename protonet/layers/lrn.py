@@ -3,10 +3,16 @@
 ACROSS_CHANNELS: x / (k + alpha/size * sum of x^2 over `size` neighbouring channels)^beta.
 WITHIN_CHANNEL: Caffe composes square -> AVE pooling (its clipped divisor) -> power
 with shift 1 (k is not used) -> product; we compute the same composition.
+
+ACROSS_CHANNELS carries Caffe's backward in an autograd Function:
+bottom_diff = top_diff * scale^-beta - (2 alpha beta / size) * x * window_sum(top_diff *
+top / scale). The window sums are a few shifted in-place adds (any memory layout),
+scale^-beta is exp(-beta * log(scale)) (vectorized, unlike pow with a float exponent),
+and half-precision bottoms are normalized in float32.
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
+import torch
 
 from ..proto import caffe_pb2
 from .base import Layer
@@ -37,12 +43,12 @@ class LRN(Layer):
     def forward(self, x):
         if self.within:
             return self._within(x)
-        squares = F.pad((x * x).unsqueeze(1), (0, 0, 0, 0, self.pre_pad,
-                                               self.size - 1 - self.pre_pad))
-        window = F.avg_pool3d(squares, (self.size, 1, 1), stride=1,
-                              divisor_override=1).squeeze(1)
-        scale = self.k + (self.alpha / self.size) * window
-        return x * scale.pow(-self.beta)
+        wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        if torch.is_grad_enabled() and x.requires_grad:
+            top = _AcrossChannels.apply(wide, self.size, self.alpha, self.beta, self.k)
+        else:
+            top = _power_of_scale(wide, self.size, self.alpha, self.beta, self.k)[1].mul_(wide)
+        return top.to(x.dtype)
 
     def _within(self, x):
         kernel, pad = (self.size, self.size), (self.pre_pad, self.pre_pad)
@@ -50,3 +56,39 @@ class LRN(Layer):
                     for i in range(2))
         pooled = ave_pool(x * x, kernel, pad, (1, 1), out)
         return x * (1.0 + self.alpha * pooled).pow(-self.beta)
+
+
+def channel_window_sum(t: torch.Tensor, size: int) -> torch.Tensor:
+    """Sum over the `size` channels centred on each channel (axis 1), zeros beyond."""
+    total = t.clone()
+    channels = t.shape[1]
+    for shift in range(1, min((size - 1) // 2, channels - 1) + 1):
+        total[:, shift:] += t[:, :-shift]
+        total[:, :-shift] += t[:, shift:]
+    return total
+
+
+def _power_of_scale(x, size, alpha, beta, k):
+    """scale = k + alpha/size * window_sum(x^2), and scale^-beta."""
+    scale = channel_window_sum(x * x, size).mul_(alpha / size).add_(k)
+    return scale, torch.log(scale).mul_(-beta).exp_()
+
+
+class _AcrossChannels(torch.autograd.Function):
+    """x * scale^-beta with Caffe's backward (saving top / scale, not scale)."""
+
+    @staticmethod
+    def forward(ctx, x, size, alpha, beta, k):
+        scale, power = _power_of_scale(x, size, alpha, beta, k)
+        top = x * power
+        ctx.save_for_backward(x, power, top / scale)
+        ctx.constants = size, 2.0 * alpha * beta / size
+        return top
+
+    @staticmethod
+    def backward(ctx, top_diff):
+        x, power, top_over_scale = ctx.saved_tensors
+        size, coefficient = ctx.constants
+        accumulated = channel_window_sum(top_diff * top_over_scale, size)
+        bottom_diff = (top_diff * power).addcmul_(x, accumulated, value=-coefficient)
+        return bottom_diff, None, None, None, None

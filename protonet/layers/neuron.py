@@ -29,8 +29,9 @@ class ReLU(Neuron):
     """max(x, 0) + negative_slope * min(x, 0); the gradient at 0 is the slope."""
 
     def forward(self, x):
+        # relu's and leaky_relu's gradients take the slope side at 0, as Caffe does.
         slope = self.param.relu_param.negative_slope
-        return torch.where(x > 0, x, x * slope)
+        return torch.relu(x) if slope == 0 else F.leaky_relu(x, slope)
 
 
 @register("PReLU")
@@ -215,19 +216,21 @@ class Threshold(Neuron):
 @register("Dropout")
 class Dropout(Neuron):
     """TRAIN: keep each unit with probability 1 - p and scale kept units by 1/(1 - p);
-    TEST: identity (a copy, so top and bottom stay separate blobs)."""
+    TEST: identity (a copy when top and bottom are separate blobs, else the bottom)."""
 
     def setup(self, bottom_shapes):
         p = self.param.dropout_param
         if not 0 <= p.dropout_ratio < 1:
             raise self.error(f"dropout_ratio must be in [0, 1), got {p.dropout_ratio}")
+        self.in_place = list(self.param.top) == list(self.param.bottom)
 
     def forward(self, x):
         ratio = self.param.dropout_param.dropout_ratio
         if self.phase == caffe_pb2.TRAIN:
-            mask = torch.empty_like(x).bernoulli_(1.0 - ratio)
-            return x * mask * (1.0 / (1.0 - ratio))
-        return x.clone()
+            # The kept mask times the scale is 0 or 1/(1 - p) exactly: one pass over x.
+            mask = torch.empty_like(x).bernoulli_(1.0 - ratio).mul_(1.0 / (1.0 - ratio))
+            return x * mask
+        return x if self.in_place else x.clone()
 
 
 @register("Clip")

@@ -3,7 +3,10 @@
 Caffe rounds the output size up by default (round_mode CEIL), drops a last window
 that would start in the right padding, lets windows hang over the image edge, and
 divides AVE sums by the window clipped to the padded image (not by the kernel
-area). We pad explicitly so torch's kernels see exactly Caffe's windows.
+area). Torch's own padding and ceil arithmetic produce exactly those windows (and
+AVE divisors) whenever the pad is at most half the kernel; other geometries are padded
+explicitly first. Torch's CPU max pooling is several times faster on channels-last
+data, so 4-axis NCHW bottoms take a detour through that layout.
 """
 from __future__ import annotations
 
@@ -44,7 +47,49 @@ def _ave_divisor(size, kernel, pad, stride, out, device):
     return (end - start).to(torch.float32)
 
 
+def torch_ceil_mode(shape, kernel, pad, stride, out):
+    """The ceil_mode that makes torch's pooling windows Caffe's, or None if none does.
+
+    Torch and Caffe agree on window starts, on clipping, and on dropping a last window
+    that starts in the right padding; torch only refuses pads above half the kernel.
+    """
+    for ceil in (False, True):
+        sizes = []
+        for size, k, p, s in zip(shape[2:4], kernel, pad, stride):
+            if 2 * p > k:
+                return None
+            span = size + 2 * p - k
+            n = (-(-span // s) if ceil else span // s) + 1
+            if ceil and (n - 1) * s >= size + p:
+                n -= 1
+            sizes.append(n)
+        if tuple(sizes) == tuple(out):
+            return ceil
+    return None
+
+
+def _channels_last_detour(pool):
+    """Run `pool` on a channels-last copy of an NCHW bottom; tops come back NCHW."""
+    def run(x, *args, **kwargs):
+        if x.device.type != "cpu" or x.dim() != 4 or x.shape[1] < 2 or \
+                x.is_contiguous(memory_format=torch.channels_last):
+            return pool(x, *args, **kwargs)
+        out = pool(x.contiguous(memory_format=torch.channels_last), *args, **kwargs)
+        if isinstance(out, tuple):
+            return tuple(t.contiguous() for t in out)
+        return out.contiguous()
+    return run
+
+
+@_channels_last_detour
 def max_pool(x, kernel, pad, stride, out, with_mask=False):
+    ceil = torch_ceil_mode(x.shape, kernel, pad, stride, out)
+    if ceil is not None:
+        if not with_mask:
+            return F.max_pool2d(x, kernel, stride, pad, ceil_mode=ceil)
+        # torch's index is h * width + w in the unpadded bottom: Caffe's mask.
+        top, index = F.max_pool2d(x, kernel, stride, pad, ceil_mode=ceil, return_indices=True)
+        return top, index.to(torch.float32)
     padded = _pad_to_windows(x, kernel, pad, stride, out, -math.inf)
     if not with_mask:
         return F.max_pool2d(padded, kernel, stride)
@@ -55,12 +100,16 @@ def max_pool(x, kernel, pad, stride, out, with_mask=False):
     return top, (row * x.shape[3] + col).to(torch.float32)
 
 
+@_channels_last_detour
 def ave_pool(x, kernel, pad, stride, out):
+    ceil = torch_ceil_mode(x.shape, kernel, pad, stride, out)
+    if ceil is not None:   # torch's count_include_pad divisor is Caffe's clipped window
+        return F.avg_pool2d(x, kernel, stride, pad, ceil_mode=ceil, count_include_pad=True)
     padded = _pad_to_windows(x, kernel, pad, stride, out, 0.0)
     sums = F.avg_pool2d(padded, kernel, stride, divisor_override=1)
     dh = _ave_divisor(x.shape[2], kernel[0], pad[0], stride[0], out[0], x.device)
     dw = _ave_divisor(x.shape[3], kernel[1], pad[1], stride[1], out[1], x.device)
-    return sums / (dh[:, None] * dw[None, :])
+    return sums / (dh[:, None] * dw[None, :]).to(sums.dtype)
 
 
 def stochastic_pool(x, kernel, stride, out, train: bool):

@@ -9,6 +9,11 @@ bottom diffs (and param diffs). Blobs are numpy-backed objects with `.data`, `.d
 `.reshape(*shape)`; `self.blobs.add_blob(*shape)` makes a learnable param. The user's code
 runs on CPU numpy arrays; an autograd Function ties it into the torch graph.
 `share_in_parallel`, deprecated in Caffe, is accepted and has no effect.
+
+This runs user code by design: building a net with a Python layer imports the module
+its python_param names (running the module's top-level code) and instantiates the
+named class, which must be a PythonLayer subclass; nothing else is imported or
+called. A prototxt with Python layers is a program (docs/guarantees.md).
 """
 from __future__ import annotations
 

@@ -164,6 +164,10 @@ def _max_with_index(bottoms: Sequence[torch.Tensor]) -> torch.Tensor:
     return index
 
 
+def _scaled(bottom: torch.Tensor, coeff: float) -> torch.Tensor:
+    return bottom if coeff == 1 else bottom * coeff
+
+
 @register("Eltwise")
 class Eltwise(Layer):
     """Element-wise SUM (with coefficients), PROD or MAX of equally shaped bottoms."""
@@ -191,10 +195,10 @@ class Eltwise(Layer):
     def forward(self, *bottoms):
         if self.operation == EltwiseOp.PROD:
             return _Product.apply(self.stable_prod_grad, *bottoms)
-        if self.operation == EltwiseOp.SUM:
-            top = bottoms[0] * self.coeffs[0]
+        if self.operation == EltwiseOp.SUM:   # (a coefficient of 1 multiplies exactly)
+            top = _scaled(bottoms[0], self.coeffs[0])
             for coeff, bottom in zip(self.coeffs[1:], bottoms[1:]):
-                top = top + bottom * coeff
+                top = top + _scaled(bottom, coeff)
             return top
         index = _max_with_index(bottoms).unsqueeze(0)
         return torch.stack(bottoms).gather(0, index).squeeze(0)

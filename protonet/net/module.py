@@ -12,17 +12,25 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 import torch
+from google.protobuf.descriptor import FieldDescriptor
 from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import NetError, ShapeError
 from ..layers import layer_class
 from ..layers.base import Layer, Shape
+from ..limits import shape_problem
 from ..proto import caffe_pb2
 from .splits import insert_splits
 from .state import filter_net
 
 PERMISSIVE = caffe_pb2.ParamSpec.PERMISSIVE
+# What a layer's own code raises for parameters or shapes it cannot work with; at
+# build time these become an error naming the layer.
+SETUP_ERRORS = (ValueError, IndexError, RuntimeError, ZeroDivisionError, OverflowError,
+                MemoryError)
+# ... and what torch raises in a forward pass the layer's setup did not foresee.
+FORWARD_ERRORS = (RuntimeError, ValueError, IndexError, ZeroDivisionError, MemoryError)
 
 
 @dataclass
@@ -49,6 +57,28 @@ class LearnableParam:
     has_lr: bool = False
     has_decay: bool = False
     users: list = field(default_factory=list)   # (layer, index) of every sharer
+
+
+_UNSIGNED = (FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_UINT64,
+             FieldDescriptor.TYPE_FIXED32, FieldDescriptor.TYPE_FIXED64)
+
+
+def _over_int_range(message, prefix: str = "") -> str | None:
+    """'field = value' for an unsigned field over INT_MAX (kernel sizes, strides,
+    num_output, ...: Caffe keeps them all in ints, where such values turn
+    negative), or None."""
+    for desc, value in message.ListFields():
+        if desc.type == FieldDescriptor.TYPE_MESSAGE:
+            for i, sub in enumerate(value if desc.is_repeated else [value]):
+                name = f"{prefix}{desc.name}" + (f"[{i}]" if desc.is_repeated else "")
+                found = _over_int_range(sub, name + ".")
+                if found:
+                    return found
+        elif desc.type in _UNSIGNED:
+            for v in (value if desc.is_repeated else [value]):
+                if v > 2**31 - 1:
+                    return f"{prefix}{desc.name} = {v}"
+    return None
 
 
 class _ViewAs(nn.Module):
@@ -91,6 +121,22 @@ class NetModule(nn.Module):
 
     # -- building ---------------------------------------------------------------
     def _build(self) -> None:
+        self._building = -1
+        try:
+            self._build_layers()
+        except NetError as e:
+            raise self._locate(e) from None
+
+    def _locate(self, error: NetError) -> NetError:
+        """`error` naming the layer being built, when it names none (an unnamed
+        layer, or a check that does not know its layer)."""
+        if error.layer or self._building < 0:
+            return error
+        lp = self.net_param.layer[self._building]
+        return type(error)(error.detail, lp.name or f"#{self._building} (unnamed)",
+                           lp.type or None)
+
+    def _build_layers(self) -> None:
         blob_id: dict[str, int] = {}
         available: set[str] = set()
         blob_need_backward: list[bool] = []
@@ -98,7 +144,8 @@ class NetModule(nn.Module):
         bottom_need_backward: list[list[bool]] = []
         self._param_owner: dict[str, LearnableParam] = {}
 
-        for lp in self.net_param.layer:
+        for index, lp in enumerate(self.net_param.layer):
+            self._building = index                  # for _locate
             if not lp.HasField("phase"):
                 lp.phase = self.phase
             if lp.propagate_down and len(lp.propagate_down) != len(lp.bottom):
@@ -107,7 +154,15 @@ class NetModule(nn.Module):
                                lp.name, lp.type)
             if lp.name in self.layer_names:
                 raise NetError("duplicate layer name", lp.name, lp.type)
-            layer = layer_class(lp.type, lp.name)(lp, self.phase)
+            too_big = _over_int_range(lp)
+            if too_big:
+                raise NetError(f"{too_big} is over 2147483647; Caffe reads this field as an "
+                               "int", lp.name, lp.type)
+            try:
+                layer = layer_class(lp.type, lp.name)(lp, self.phase)
+            except SETUP_ERRORS as e:
+                raise NetError(f"cannot be made from its parameters: {e}", lp.name,
+                               lp.type) from None
             need_backward = False
             bottoms, bneed = [], []
             for j, name in enumerate(lp.bottom):
@@ -197,7 +252,7 @@ class NetModule(nn.Module):
             top_shapes = layer.reshape(bottom_shapes)
         except (NetError, ShapeError):
             raise
-        except (ValueError, IndexError, RuntimeError, ZeroDivisionError) as e:
+        except SETUP_ERRORS as e:
             shapes = ", ".join(str(list(s)) for s in bottom_shapes) or "none"
             raise ShapeError(f"cannot set up with bottom shapes {shapes}: {e}",
                              layer.layer_name, layer.type) from None
@@ -205,9 +260,9 @@ class NetModule(nn.Module):
             raise ShapeError(f"produced {len(top_shapes)} top shape(s) for {len(tops)} top(s)",
                              layer.layer_name, layer.type)
         for t, shape in zip(tops, top_shapes):
-            if any(d < 0 for d in shape):
-                raise ShapeError(f"top '{self.blob_names[t]}' would have negative shape "
-                                 f"{list(shape)} (bottoms: "
+            problem = shape_problem(shape)
+            if problem:
+                raise ShapeError(f"top '{self.blob_names[t]}': {problem} (bottoms: "
                                  f"{[list(s) for s in bottom_shapes]})",
                                  layer.layer_name, layer.type)
             self.blob_shapes[t] = tuple(int(d) for d in shape)
@@ -338,11 +393,16 @@ class NetModule(nn.Module):
                 continue
             bottoms = [values[b].detach() if d else values[b]
                        for b, d in zip(step.bottoms, step.detach)]
-            if step.no_grad and torch.is_grad_enabled():
-                with torch.no_grad():
+            try:
+                if step.no_grad and torch.is_grad_enabled():
+                    with torch.no_grad():
+                        out = layers[step.layer](*bottoms)
+                else:
                     out = layers[step.layer](*bottoms)
-            else:
-                out = layers[step.layer](*bottoms)
+            except torch.OutOfMemoryError:
+                raise                   # a resource limit, which callers may handle
+            except FORWARD_ERRORS as e:
+                raise self._forward_error(step, bottoms, e) from e
             if isinstance(out, torch.Tensor):
                 out = (out,)
             for t, v in zip(step.tops, out):
@@ -351,6 +411,23 @@ class NetModule(nn.Module):
                 term = out[pos].sum() * weight
                 loss = term if loss is None else loss + term
         return values, loss
+
+    def _forward_error(self, step: Step, bottoms: list, error: Exception) -> NetError:
+        """A layer's forward failed inside torch (a case its setup did not rule out):
+        say which layer, with which bottoms; the original stays chained."""
+        layer = self.layers[step.layer]
+        shapes = [list(b.shape) for b in bottoms]
+        return NetError(f"forward failed for bottoms {shapes}: {type(error).__name__}: "
+                        f"{error}", layer.layer_name, layer.type)
+
+    def optimize_for_inference(self, precision: str = "fp32", channels_last: bool | None = None,
+                               compile: bool = False):
+        """An opt-in fast inference plan of this net (protonet.speed.InferenceNet): call it
+        with {input: tensor} for {output: tensor}. It snapshots the weights; forward
+        itself is unchanged."""
+        from ..speed import InferenceNet
+        return InferenceNet(self, precision=precision, channels_last=channels_last,
+                            compile=compile)
 
     def infer_shapes(self, input_shapes: Mapping[str, Sequence[int]]) -> None:
         """Re-run shape inference for new input shapes (pycaffe's net.reshape())."""
@@ -364,9 +441,13 @@ class NetModule(nn.Module):
             bottom = [shapes[b] for b in step.bottoms]
             try:
                 tops = layer.reshape(bottom)
-            except (ValueError, IndexError, RuntimeError, ZeroDivisionError) as e:
+            except SETUP_ERRORS as e:
                 raise ShapeError(f"cannot reshape for bottoms {[list(s) for s in bottom]}: "
                                  f"{e}", layer.layer_name, layer.type) from None
             for t, s in zip(step.tops, tops):
+                problem = shape_problem(s)
+                if problem:
+                    raise ShapeError(f"top '{self.blob_names[t]}': {problem}",
+                                     layer.layer_name, layer.type)
                 shapes[t] = tuple(int(d) for d in s)
         self.blob_shapes = shapes

@@ -30,7 +30,8 @@ def insert_splits(net: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
         for j, blob in enumerate(layer.bottom):
             if blob not in last_top:
                 raise NetError(f"unknown bottom blob '{blob}' (bottom index {j}); no "
-                               "earlier layer produces it", layer.name, layer.type)
+                               "earlier layer produces it", layer.name or f"#{i} (unnamed)",
+                               layer.type)
             source_of[(i, j)] = last_top[blob]
             readers[last_top[blob]] += 1
         for j, blob in enumerate(layer.top):

@@ -23,10 +23,11 @@ def state_meets_rule(state: caffe_pb2.NetState, rule: caffe_pb2.NetStateRule) ->
     return True
 
 
-def layer_included(layer: caffe_pb2.LayerParameter, state: caffe_pb2.NetState) -> bool:
+def layer_included(layer: caffe_pb2.LayerParameter, state: caffe_pb2.NetState,
+                   index: int = 0) -> bool:
     if layer.include and layer.exclude:
         raise NetError("specify either include rules or exclude rules, not both",
-                       layer.name, layer.type)
+                       layer.name or f"#{index} (unnamed)", layer.type)
     if layer.include:
         return any(state_meets_rule(state, r) for r in layer.include)
     return not any(state_meets_rule(state, r) for r in layer.exclude)
@@ -37,5 +38,6 @@ def filter_net(net: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
     filtered = caffe_pb2.NetParameter()
     filtered.CopyFrom(net)
     del filtered.layer[:]
-    filtered.layer.extend(l for l in net.layer if layer_included(l, net.state))
+    filtered.layer.extend(l for i, l in enumerate(net.layer)
+                          if layer_included(l, net.state, i))
     return filtered

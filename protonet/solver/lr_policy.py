@@ -24,7 +24,16 @@ Policy = Callable[[int, int], "tuple[float, int]"]
 
 
 def _f32(value: float) -> float:
-    return float(np.float32(value))
+    with np.errstate(over="ignore"):
+        return float(np.float32(value))
+
+
+def _pow(base: float, exponent: float) -> float:
+    """C's pow, as Caffe calls it: inf on overflow and nan outside the domain (a
+    negative base to a fractional power: poly past max_iter) instead of Python's
+    OverflowError, ZeroDivisionError or complex result."""
+    with np.errstate(all="ignore"):
+        return float(np.power(np.float64(base), np.float64(exponent)))
 
 
 def _require(ok: bool, message: str) -> None:
@@ -43,13 +52,13 @@ def _step(p: caffe_pb2.SolverParameter) -> Policy:
 
     def rate(it: int, step: int):
         step = it // p.stepsize
-        return _f32(p.base_lr * p.gamma ** step), step
+        return _f32(p.base_lr * _pow(p.gamma, step)), step
     return rate
 
 
 def _exp(p: caffe_pb2.SolverParameter) -> Policy:
     _require(p.gamma >= 0, f"lr_policy 'exp' needs gamma >= 0, got {p.gamma}")
-    return lambda it, step: (_f32(p.base_lr * p.gamma ** it), step)
+    return lambda it, step: (_f32(p.base_lr * _pow(p.gamma, it)), step)
 
 
 def _inv(p: caffe_pb2.SolverParameter) -> Policy:
@@ -58,7 +67,7 @@ def _inv(p: caffe_pb2.SolverParameter) -> Policy:
 
     def rate(it: int, step: int):
         base = np.float32(1) + gamma * np.float32(it)
-        return _f32(p.base_lr * float(base) ** -float(power)), step
+        return _f32(p.base_lr * _pow(float(base), -float(power))), step
     return rate
 
 
@@ -70,7 +79,7 @@ def _multistep(p: caffe_pb2.SolverParameter) -> Policy:
         if step < len(values) and it >= values[step]:
             step += 1
             log.info("MultiStep Status: Iteration %d, step = %d", it, step)
-        return _f32(p.base_lr * p.gamma ** step), step
+        return _f32(p.base_lr * _pow(p.gamma, step)), step
     return rate
 
 
@@ -79,7 +88,7 @@ def _poly(p: caffe_pb2.SolverParameter) -> Policy:
 
     def rate(it: int, step: int):
         left = np.float32(1) - np.float32(it) / np.float32(p.max_iter)
-        return _f32(p.base_lr * float(left) ** p.power), step
+        return _f32(p.base_lr * _pow(float(left), p.power)), step
     return rate
 
 

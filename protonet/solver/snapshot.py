@@ -17,6 +17,7 @@ import torch
 from ..errors import ParseError, SolverError
 from ..io.atomic import atomic_call
 from ..io.binary import read_binary, write_binary
+from ..io.hdf5 import creating, read_array, reading
 from ..io.weights import array_to_blob, blob_to_array
 from ..proto import caffe_pb2
 
@@ -65,10 +66,8 @@ def _read_state_binary(path: str) -> SolverStateData:
 
 
 def _write_state_hdf5(path: str, state: SolverStateData) -> None:
-    import h5py
-
     def write(tmp: str) -> None:
-        with h5py.File(tmp, "w") as f:
+        with creating(tmp) as f:
             f.create_dataset("iter", data=np.array([state.iter], dtype=np.int32))
             _write_c_string(f, "learned_net", state.learned_net)
             f.create_dataset("current_step",
@@ -93,29 +92,52 @@ def _write_c_string(f, name: str, text: str) -> None:
 
 def _read_state_hdf5(path: str) -> SolverStateData:
     import h5py
+
+    def fail(message: str) -> ParseError:
+        return ParseError(f"not a readable HDF5 solver state: {message}", path)
+
+    with reading(path, fail) as f:
+        for key in ("iter", "current_step", "history"):
+            if key not in f:
+                raise SolverError(f"{path}: not a solver state: no '{key}' in the file")
+        learned = ""
+        if "learned_net" in f:
+            node = f["learned_net"]
+            if not isinstance(node, h5py.Dataset) or node.dtype.kind not in "SUOV" \
+                    or node.size > 1:
+                raise fail("'learned_net' is not a string")
+            raw = node[()]
+            raw = raw.tobytes() if isinstance(raw, np.ndarray) else raw
+            raw = raw.encode("utf-8") if isinstance(raw, str) else bytes(raw)
+            learned = _decode_name(raw.split(b"\0", 1)[0], path)
+        group = f["history"]
+        if not isinstance(group, h5py.Group):
+            raise fail("'history' is not a group")
+        history = []
+        for i in range(len(group)):
+            if str(i) not in group:
+                raise fail(f"history holds {sorted(group.keys())[:10]}; expected "
+                           f"datasets named 0 to {len(group) - 1}")
+            history.append(read_array(group[str(i)], f"history/{i}", fail))
+        return SolverStateData(_scalar_int(f["iter"], "iter", fail), learned,
+                               _scalar_int(f["current_step"], "current_step", fail),
+                               history)
+
+
+def _scalar_int(node, name: str, fail) -> int:
+    values = read_array(node, name, fail, dtype=np.float64).reshape(-1)
+    if values.size < 1 or not np.isfinite(values[0]) or \
+            not -2**31 <= values[0] < 2**31 or values[0] != int(values[0]):
+        raise fail(f"'{name}' should hold one int32, got {values[:4].tolist()}")
+    return int(values[0])
+
+
+def _decode_name(raw: bytes, path: str) -> str:
     try:
-        with h5py.File(path, "r") as f:
-            for key in ("iter", "current_step", "history"):
-                if key not in f:
-                    raise SolverError(f"{path}: not a solver state: no '{key}' in the file")
-            learned = ""
-            if "learned_net" in f:
-                raw = f["learned_net"][()]
-                learned = (raw.tobytes() if isinstance(raw, np.ndarray) else raw)
-                learned = learned.split(b"\0", 1)[0].decode("utf-8")
-            group = f["history"]
-            history = [np.asarray(group[str(i)], dtype=np.float32)
-                       for i in range(len(group))]
-            return SolverStateData(_scalar_int(f["iter"]), learned,
-                                   _scalar_int(f["current_step"]), history)
-    except FileNotFoundError:
-        raise ParseError("file not found", path) from None
-    except (OSError, KeyError) as e:
-        raise ParseError(f"not a readable HDF5 solver state ({e})", path) from None
-
-
-def _scalar_int(dataset) -> int:
-    return int(np.asarray(dataset[()]).reshape(-1)[0])
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ParseError("the model file name it holds (learned_net) is not UTF-8 text",
+                         path) from None
 
 
 def resolve_learned_net(state_path: str, learned_net: str) -> str:
@@ -130,8 +152,8 @@ def resolve_learned_net(state_path: str, learned_net: str) -> str:
                       f"found (nor at {beside})")
 
 
-def load_history(history: list[torch.Tensor], saved: list[np.ndarray], path: str) -> None:
-    """Copy saved history blobs into the solver's, checking count and sizes."""
+def check_history(history: list[torch.Tensor], saved: list[np.ndarray], path: str) -> None:
+    """Raise unless the saved history blobs fit the solver's, in count and sizes."""
     if len(saved) != len(history):
         raise SolverError(f"{path}: has {len(saved)} history blobs, this solver needs "
                           f"{len(history)} (a different net or solver type?)")
@@ -139,5 +161,11 @@ def load_history(history: list[torch.Tensor], saved: list[np.ndarray], path: str
         if theirs.size != mine.numel():
             raise SolverError(f"{path}: history blob {i} has shape {list(theirs.shape)}, "
                               f"the param it belongs to {list(mine.shape)}")
+
+
+def load_history(history: list[torch.Tensor], saved: list[np.ndarray], path: str) -> None:
+    """Copy saved history blobs into the solver's, checking count and sizes."""
+    check_history(history, saved, path)
+    for mine, theirs in zip(history, saved):
         with torch.no_grad():
             mine.copy_(torch.from_numpy(theirs.reshape(tuple(mine.shape))))

@@ -1,0 +1,426 @@
+"""Opt-in fast paths: an inference plan, channels-last layout, half precision, compile.
+
+A NetModule's own forward is Caffe-exact and keeps every blob. Deployment wants less:
+the outputs of a TEST-phase forward, as fast as possible. `InferenceNet` (made by
+`NetModule.optimize_for_inference()`) is a frozen plan for that:
+
+- it runs under torch.inference_mode, calling layers directly (no autograd, no hooks);
+  Split layers become aliases (their tops are views anyway);
+- BatchNorm with global statistics and a following per-channel Scale become one affine
+  map, folded into the preceding Convolution's weights when there is one (ResNet's
+  conv -> BN -> Scale is then one convolution); results stay within float32 rounding;
+- on CPU, convolution and inner-product weights are reordered once into oneDNN's
+  blocked layout (eager torch reorders them on every call, which dominates batch-1
+  ResNet), and a ReLU right after a convolution, inner product or Eltwise SUM runs
+  fused with it;
+- channels-last (NHWC) activations let oneDNN convolve without reordering and make
+  torch's CPU pooling vectorize over channels; values are unchanged up to summation
+  order;
+- precision "bf16"/"fp16" keeps a low-precision copy of every convolution and inner
+  product weight (cast once, not on each call as autocast would) and runs them on
+  low-precision activations; layers with numerically delicate arithmetic (Softmax,
+  losses, unfolded normalization) get float32 bottoms, LRN normalizes in float32, and
+  the outputs come back as float32;
+- `compile=True` hands the plan (unpacked weights) to torch.compile (Inductor, with
+  weight freezing) and falls back to the eager plan, with a warning, if compilation
+  fails. On the 2-core AVX-512 machine it was measured on it did not pay: 20 s to
+  compile LeNet, and slower than the eager plan (AlexNet fp32 3x slower: Inductor's
+  fp32 linear is not oneDNN's).
+
+The plan snapshots the weights it folds or casts: build a new one after changing them.
+For training-style runs (forward + backward), `autocast` and `to_channels_last` give
+the same precision and layout choices on the module itself.
+
+`keep_freed_memory()` is the CPU counterpart of Caffe allocating its blobs once: glibc
+hands big tensors back to the kernel on free (munmap) and page-faults fresh zeroed
+pages on the next allocation, which costs more than the arithmetic for large fully
+connected layers (a 151 MB weight gradient: ~50 ms of page faults for ~15 ms of
+GEMM). Serving them from the heap and not trimming it makes every iteration after the
+first reuse warm memory; the process keeps its peak footprint.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import platform
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+from .errors import NetError, ProtonetError
+from .proto import caffe_pb2
+
+log = logging.getLogger("protonet")
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Layers that compute fine on bf16/fp16 activations (moving, max-ing, adding, or
+# normalizing internally in float32); every other layer gets float32 bottoms.
+LOW_PRECISION_SAFE = {"ReLU", "Pooling", "Split", "Concat", "Flatten", "Reshape", "Dropout",
+                      "Eltwise", "LRN", "Slice", "Crop", "Silence"}
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4     # glibc mallopt parameters
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed tensor memory for reuse (see above); False where
+    the C library is not glibc or refuses. Process-wide: for benchmarks and servers."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    try:
+        return PRECISIONS[precision]
+    except KeyError:
+        raise ProtonetError(f"--precision expects one of {', '.join(PRECISIONS)}; "
+                            f"got '{precision}'") from None
+
+
+def to_channels_last(tensor: torch.Tensor) -> torch.Tensor:
+    """A 4-axis floating tensor in NHWC memory order (same shape and values)."""
+    if tensor.dim() == 4 and tensor.is_floating_point():
+        return tensor.contiguous(memory_format=torch.channels_last)
+    return tensor
+
+
+def channels_last_params(module) -> None:
+    """Store the module's 4-axis params (convolution weights) in NHWC memory order, in
+    place; values and shapes are unchanged. With channels-last inputs this keeps every
+    convolution (and its gradients) in NHWC, also after a 1-channel input."""
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.dim() == 4:
+                param.data = param.data.contiguous(memory_format=torch.channels_last)
+
+
+def autocast(precision: str, device: torch.device):
+    """torch.autocast for bf16/fp16 (conv and matmul in low precision), or nothing."""
+    dtype = precision_dtype(precision)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+@dataclass
+class _Op:
+    """One step of the plan: run(*bottoms) -> top or tops, wired by blob ids."""
+    run: Callable
+    bottoms: tuple[int, ...]
+    tops: tuple[int, ...]
+    name: str
+    type: str
+    bottom_dtype: torch.dtype | None = None    # cast floating bottoms to this first
+
+
+class InferenceNet:
+    """A frozen inference plan of a NetModule; call it with {input name: tensor}."""
+
+    def __init__(self, module, precision: str = "fp32", channels_last: bool | None = None,
+                 compile: bool = False, fold: bool = True):
+        self.module = module
+        self.dtype = precision_dtype(precision)
+        self.precision = precision
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        self.channels_last = device.type == "cpu" if channels_last is None else channels_last
+        self.output_ids = list(module.output_ids)
+        self.output_names = [module.blob_names[i] for i in self.output_ids]
+        self.num_blobs = len(module.blob_names)
+        with torch.no_grad():
+            # Inductor packs weights itself (and cannot trace oneDNN's packed tensors).
+            planner = _Planner(module, self.dtype, fold, device, pack=not compile,
+                               channels_last=self.channels_last)
+            self.ops = planner.plan()
+        self.output_blobs = [planner.resolve(i) for i in self.output_ids]
+        self.folded = sum(1 for s in module.steps if not s.is_input) - len(self.ops)
+        self._compiled = _compile(self._run) if compile else None
+
+    def __call__(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.inference_mode():
+            if self._compiled is not None:
+                try:
+                    return self._compiled(dict(inputs))
+                except Exception as e:    # noqa: BLE001 - any compiler failure falls back
+                    log.warning("torch.compile failed (%s: %s); running the eager plan",
+                                type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                    self._compiled = None
+            return self._run(dict(inputs))
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+    def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        values: list = [None] * self.num_blobs
+        index = self.module.blob_index
+        for name, tensor in inputs.items():
+            values[index[name]] = to_channels_last(tensor) if self.channels_last else tensor
+        for op in self.ops:
+            bottoms = [values[b] for b in op.bottoms]
+            if op.bottom_dtype is not None:
+                bottoms = [b.to(op.bottom_dtype) if b.is_floating_point() else b
+                           for b in bottoms]
+            try:
+                out = op.run(*bottoms)
+            except (RuntimeError, ValueError, IndexError) as e:
+                shapes = [list(b.shape) for b in bottoms]
+                raise NetError(f"inference plan: forward failed for bottoms {shapes}: "
+                               f"{type(e).__name__}: {e}", op.name, op.type) from e
+            if isinstance(out, torch.Tensor):
+                values[op.tops[0]] = out
+            else:
+                for t, v in zip(op.tops, out):
+                    values[t] = v
+        return {name: _as_output(values[i]) for name, i in zip(self.output_names,
+                                                                self.output_blobs)}
+
+
+def _as_output(tensor):
+    if tensor is None or not tensor.is_floating_point():
+        return tensor
+    return tensor.float().contiguous()
+
+
+# -- building the plan ---------------------------------------------------------------
+class _Planner:
+    """Walks the module's steps once, folding, fusing and packing as it goes."""
+
+    def __init__(self, module, dtype: torch.dtype, fold: bool, device: torch.device,
+                 pack: bool = True, channels_last: bool = False):
+        self.module = module
+        self.steps = [s for s in module.steps if not s.is_input]
+        self.dtype = dtype
+        self.low = dtype != torch.float32
+        self.fold = fold
+        self.pack = pack and device.type == "cpu" and _mkldnn_ops_available()
+        self.channels_last = channels_last
+
+    def plan(self) -> list[_Op]:
+        """The ops; Split tops become aliases of their bottom (views need no op)."""
+        ops, i = [], 0
+        self.alias: dict[int, int] = {}
+        while i < len(self.steps):
+            step = self.steps[i]
+            if self.module.layers[step.layer].type == "Split" and len(step.bottoms) == 1:
+                for top in step.tops:
+                    self.alias[top] = self.resolve(step.bottoms[0])
+                i += 1
+                continue
+            op, used = self._op_at(i)
+            op.bottoms = tuple(self.resolve(b) for b in op.bottoms)
+            for top in op.tops:                # a top written anew is its own blob again
+                self.alias.pop(top, None)
+            ops.append(op)
+            i += used
+        return ops
+
+    def resolve(self, blob: int) -> int:
+        return self.alias.get(blob, blob)
+
+    def _op_at(self, i: int) -> tuple[_Op, int]:
+        step = self.steps[i]
+        layer = self.module.layers[step.layer]
+        name = self.module.layer_names[step.layer]
+        if layer.type in ("Convolution", "InnerProduct") and len(step.bottoms) == 1:
+            affine, used = self._affine_at(i + 1, step.tops) if \
+                layer.type == "Convolution" and layer.axis == 1 else (None, 0)
+            tops = self.steps[i + used].tops
+            relu = self._is_relu_on(i + 1 + used, tops)
+            if relu:
+                tops = self.steps[i + 1 + used].tops
+            run = self._weighted(layer, step.bottoms[0], affine, relu)
+            return _Op(run, step.bottoms, tops, name, layer.type), 1 + used + relu
+        if self._is_plain_sum(layer) and self._is_relu_on(i + 1, step.tops):
+            return _Op(_sum_relu, step.bottoms, self.steps[i + 1].tops, name,
+                       layer.type), 2
+        affine, used = self._affine_at(i, step.bottoms)
+        if affine is not None:
+            return _Op(_affine_op(*affine), step.bottoms, self.steps[i + used - 1].tops, name,
+                       "BatchNorm", torch.float32 if self.low else None), used
+        if layer.type == "Deconvolution" and self.low and len(step.bottoms) == 1:
+            return _Op(self._weighted(layer, step.bottoms[0], None, False), step.bottoms,
+                       step.tops, name, layer.type), 1
+        cast = torch.float32 if self.low and layer.type not in LOW_PRECISION_SAFE else None
+        return _Op(layer.forward, step.bottoms, step.tops, name, layer.type, cast), 1
+
+    @staticmethod
+    def _is_plain_sum(layer) -> bool:
+        return layer.type == "Eltwise" and \
+            layer.operation == caffe_pb2.EltwiseParameter.SUM and \
+            all(c == 1 for c in layer.coeffs)
+
+    def _is_relu_on(self, i: int, blobs: tuple[int, ...]) -> bool:
+        if i >= len(self.steps):
+            return False
+        step = self.steps[i]
+        layer = self.module.layers[step.layer]
+        return layer.type == "ReLU" and step.bottoms == blobs and \
+            layer.param.relu_param.negative_slope == 0
+
+    def _affine_at(self, i: int, blobs: tuple[int, ...]):
+        """A per-channel affine map (scale, shift), in float64, from a BatchNorm with
+        global statistics at step i reading `blobs`, and a per-channel Scale after it;
+        with the number of steps it covers. (None, 0) when the steps are not so."""
+        if not self.fold or i >= len(self.steps) or len(blobs) != 1:
+            return None, 0
+        step = self.steps[i]
+        layer = self.module.layers[step.layer]
+        if layer.type != "BatchNorm" or step.bottoms != blobs or not layer.use_global_stats:
+            return None, 0
+        mean_sum, var_sum, factor = (b.detach().double() for b in layer.blobs)
+        inverse = torch.where(factor == 0, torch.zeros_like(factor), 1 / factor)
+        std = torch.sqrt(var_sum * inverse + layer.param.batch_norm_param.eps)
+        scale, shift = 1 / std, -(mean_sum * inverse) / std
+        if i + 1 < len(self.steps):
+            nxt = self.steps[i + 1]
+            scale_layer = self.module.layers[nxt.layer]
+            if scale_layer.type == "Scale" and nxt.bottoms == step.tops and \
+                    _per_channel_scale(scale_layer, layer.channels):
+                gamma = scale_layer.blobs[0].detach().double()
+                scale, shift = scale * gamma, shift * gamma
+                if scale_layer.param.scale_param.bias_term:
+                    shift = shift + scale_layer.blobs[1].detach().double()
+                return (scale, shift), 2
+        return (scale, shift), 1
+
+    def _weighted(self, layer, bottom: int, affine, relu: bool) -> Callable:
+        """Convolution/InnerProduct with folded, cast (and on CPU, prepacked) weights."""
+        weight = layer.blobs[0].detach().contiguous()
+        bias = layer.blobs[1].detach() if layer.bias_term else None
+        if affine is not None:
+            scale, shift = affine
+            view = (-1,) + (1,) * (weight.dim() - 1)
+            weight = (weight.double() * scale.reshape(view)).float()
+            base = bias.double() if bias is not None else torch.zeros_like(shift)
+            bias = (base * scale + shift).float()
+        weight = weight.to(self.dtype)
+        bias = bias.to(self.dtype) if bias is not None else None
+        shape = self.module.blob_shapes[bottom]
+        if layer.type == "InnerProduct":
+            if layer.transpose:
+                weight = weight.t().contiguous()
+            return _linear(layer, weight, bias, relu, self.dtype, self.pack)
+        if layer.type == "Convolution" and layer.geometry.n == 2 and len(shape) == 4:
+            return _conv2d(layer, weight, bias, relu, self.dtype, self.pack, shape,
+                           self.channels_last)
+        activation = torch.relu if relu else _identity
+
+        def run(x):
+            return activation(layer.convolve(x.to(self.dtype), weight, bias))
+        return run
+
+
+def _identity(x):
+    return x
+
+
+def _sum_relu(*bottoms):
+    """Eltwise SUM then ReLU (ResNet's shortcut join), the ReLU in place on the sum."""
+    total = bottoms[0] + bottoms[1]
+    for bottom in bottoms[2:]:
+        total += bottom
+    return total.relu_()
+
+
+def _to_channels_last_4d(y):
+    return y if y.is_contiguous(memory_format=torch.channels_last) else \
+        y.contiguous(memory_format=torch.channels_last)
+
+
+def _mkldnn_ops_available() -> bool:
+    ops = torch.ops.mkldnn
+    return torch.backends.mkldnn.is_available() and \
+        hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight") and all(
+            hasattr(ops, name) for name in ("_convolution_pointwise", "_linear_pointwise",
+                                            "_reorder_linear_weight"))
+
+
+def _conv2d(layer, weight, bias, relu: bool, dtype, pack: bool, shape,
+            channels_last: bool) -> Callable:
+    """A 2-D convolution; on CPU with oneDNN, its weight reordered once into the blocked
+    layout oneDNN wants (not on every call) and ReLU fused into the same kernel."""
+    g = layer.geometry
+    pad, stride, dilation = list(g.pad), list(g.stride), list(g.dilation)
+    # A 1-channel bottom (LeNet's data) reads as NCHW, and so would the top.
+    _layout = _to_channels_last_4d if channels_last else _identity
+    if pack:
+        try:
+            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                weight.to_mkldnn(), pad, stride, dilation, layer.group, list(shape))
+        except RuntimeError:
+            pack = False
+    if pack:
+        attr = "relu" if relu else "none"
+        convolve = torch.ops.mkldnn._convolution_pointwise
+
+        def run(x):
+            return _layout(convolve(x.to(dtype), packed, bias, pad, stride, dilation,
+                                    layer.group, attr, [], ""))
+    else:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+        activation = torch.relu if relu else _identity
+
+        def run(x):
+            return _layout(activation(torch.nn.functional.conv2d(
+                x.to(dtype), weight, bias, stride, pad, dilation, layer.group)))
+    return run
+
+
+def _linear(layer, weight, bias, relu: bool, dtype, pack: bool) -> Callable:
+    """An inner product on a [num_output, K] weight; oneDNN with a prepacked weight on CPU
+    (for fp32 also much faster than the BLAS GEMM at small batch)."""
+    axis, k = layer.axis, layer.k
+    if pack:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+        attr = "relu" if relu else "none"
+        product = torch.ops.mkldnn._linear_pointwise
+
+        def multiply(flat):
+            return product(flat, packed, bias, attr, [], "")
+    else:
+        activation = torch.relu if relu else _identity
+
+        def multiply(flat):
+            return activation(torch.nn.functional.linear(flat, weight, bias))
+
+    def run(x):
+        lead = x.shape[:axis]
+        y = multiply(x.to(dtype).reshape(-1, k))
+        return y.reshape(tuple(lead) + (y.shape[1],))
+    return run
+
+
+def _per_channel_scale(layer, channels: int) -> bool:
+    p = layer.param.scale_param
+    if len(layer.param.bottom) != 1 or p.axis not in (1, -3):
+        return False
+    return all(tuple(b.shape) == (channels,) for b in layer.blobs)
+
+
+def _affine_op(scale: torch.Tensor, shift: torch.Tensor) -> Callable:
+    scale, shift = scale.float(), shift.float()
+
+    def affine(x):
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        return torch.addcmul(shift.to(x.device).reshape(view), x,
+                             scale.to(x.device).reshape(view))
+    return affine
+
+
+# -- compile ---------------------------------------------------------------------------
+def _compile(fn: Callable) -> Callable | None:
+    """torch.compile(fn) with Inductor's weight freezing, or None when unavailable."""
+    try:
+        return torch.compile(fn, dynamic=False, options={"freezing": True})
+    except Exception as e:    # noqa: BLE001 - no compiler stack: run eagerly
+        log.warning("torch.compile is unavailable (%s); running the eager plan", e)
+        return None
