@@ -35,6 +35,7 @@ from typing import BinaryIO, Iterator
 from tqdm import tqdm
 
 from .errors import ProtonetError, closest
+from .io.binary import MAX_BYTES
 
 log = logging.getLogger("protonet")
 
@@ -406,6 +407,9 @@ def _http_fetch(url: str, part: Path, progress: bool | None) -> None:
                       f"received are kept in {part} and the next download resumes there")
 
 
+MAX_DOWNLOAD = MAX_BYTES        # no caffemodel can be larger than protobuf reads
+
+
 def _size(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
@@ -419,12 +423,18 @@ def _http_transfer(url: str, part: Path, progress: bool | None) -> None:
         start = _start_of(response, url, offset)
         length = response.headers.get("Content-Length")
         total = start + int(length) if length and length.isdigit() else None
+        if total is not None and total > MAX_DOWNLOAD:
+            raise Unreachable(f"{url}: {total} bytes is more than any caffemodel can be "
+                              f"({MAX_DOWNLOAD} bytes, protobuf's limit)")
         with open(part, "ab" if start else "wb") as out, \
                 tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
                      desc=part.name[:-len(".part")], disable=_quiet(progress)) as bar:
             for chunk in _chunks(response):
                 out.write(chunk)
                 bar.update(len(chunk))
+                if out.tell() > MAX_DOWNLOAD:
+                    raise Unreachable(f"{url}: more than {MAX_DOWNLOAD} bytes, protobuf's "
+                                      "limit for a caffemodel; stopped")
     if total is not None and _size(part) < total:
         raise _Interrupted(f"connection closed at {_size(part)} of {total} bytes")
 
@@ -433,14 +443,25 @@ def _quiet(progress: bool | None) -> bool | None:
     return None if progress is None else not progress     # None: tqdm decides (a tty?)
 
 
+class _NoDowngrade(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, except from https to anything that is not https."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if req.full_url.startswith("https:") and not newurl.startswith("https:"):
+            raise Unreachable(f"{req.full_url}: refused a redirect from https to {newurl} "
+                              "(it would leave TLS)")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def _open(url: str, offset: int):
     headers = {"User-Agent": "protonet"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
     request = urllib.request.Request(url, headers=headers)
+    opener = urllib.request.build_opener(
+        _NoDowngrade, urllib.request.HTTPSHandler(context=ssl.create_default_context()))
     try:
-        return urllib.request.urlopen(request, timeout=TIMEOUT,
-                                      context=ssl.create_default_context())
+        return opener.open(request, timeout=TIMEOUT)
     except urllib.error.HTTPError as e:
         if e.code == 416 and offset:
             return None

@@ -672,9 +672,6 @@ def test_zoo_names_and_members_cannot_leave_the_cache(tmp_path):
     assert not (tmp_path.parent / "outside.caffemodel").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="reported: urllib follows an https -> http redirect, "
-                                       "so the transfer leaves TLS (the checksum still "
-                                       "guards entries that publish one)")
 def test_zoo_refuses_a_redirect_from_https_to_http(tmp_path, monkeypatch):
     from protonet import zoo
     payload = b"weights" * 1000
