@@ -988,3 +988,11 @@ def test_lr_mult_zero_everywhere_means_no_backward():
     """)
     assert module.layer_need_backward == [False, False, False]
     assert not layer(module, "ip").blobs[0].requires_grad
+
+
+def test_pooling_window_starting_past_the_image_is_a_shape_error():
+    text = '''layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 1 dim: 5 dim: 5 } } }
+layer { name: "p" type: "Pooling" bottom: "x" top: "y"
+        pooling_param { pool: MAX kernel_size: 1 stride: 3 } }'''
+    with pytest.raises(protonet.ShapeError, match=r"layer .p. \(Pooling\).*starts outside"):
+        build(text)

@@ -194,10 +194,17 @@ class Pooling(Layer):
         if len(shape) != 4:
             raise self.shape_error(f"needs a 4-axis bottom (num, channels, height, width), "
                                    f"got {list(shape)}")
-        _, out = self.geometry.windows(shape)
+        g = self.geometry
+        kernel, out = g.windows(shape)
         if min(out) <= 0:
             raise self.shape_error(f"bottom {list(shape)} is too small for kernel "
-                                   f"{list(self.geometry.kernel)} (output {list(out)})")
+                                   f"{list(kernel)} (output {list(out)})")
+        for i in range(2):   # Caffe reads garbage for a window that starts past the image
+            if (out[i] - 1) * g.stride[i] >= shape[2 + i] + g.pad[i]:
+                raise self.shape_error(
+                    f"with kernel {list(kernel)}, stride {list(g.stride)} and pad "
+                    f"{list(g.pad)} the last of {out[i]} windows along axis {2 + i} starts "
+                    f"outside the bottom {list(shape)}; Caffe would pool nothing there")
         return [(shape[0], shape[1]) + out] * self.num_tops
 
     def forward(self, x):
