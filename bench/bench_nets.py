@@ -51,7 +51,8 @@ sys.path.insert(0, str(REPO))
 from protonet.io.upgrade import read_net  # noqa: E402
 from protonet.net.module import NetModule  # noqa: E402
 from protonet.proto import caffe_pb2  # noqa: E402
-from protonet.speed import channels_last_params, keep_freed_memory, to_channels_last  # noqa: E402,E501
+from protonet.speed import (channels_last_params, keep_freed_memory,  # noqa: E402
+                            to_channels_last)
 from protonet.timing import TimingOptions, median_ms, random_inputs, time_training  # noqa: E402
 
 NETS_DIR = Path(os.environ.get("PROTONET_CONFORMANCE", REPO.parent / "shared" / "conformance")) \

@@ -94,12 +94,14 @@ def to_channels_last(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def channels_last_params(module) -> None:
-    """Store the module's 4-axis params (convolution weights) in NHWC memory order, in
-    place; values and shapes are unchanged. With channels-last inputs this keeps every
-    convolution (and its gradients) in NHWC, also after a 1-channel input."""
+    """Store the 4-axis params with one input channel (the convolution of a 1-channel
+    image, depthwise convolutions) in NHWC memory order, in place; values and shapes are
+    unchanged. A 1-channel bottom reads as NCHW, so without this its convolution's top
+    (and everything after) would leave the channels-last layout. Other weights stay
+    NCHW: in NHWC, torch copies big weights on every backward."""
     with torch.no_grad():
         for param in module.parameters():
-            if param.dim() == 4:
+            if param.dim() == 4 and param.shape[1] == 1:
                 param.data = param.data.contiguous(memory_format=torch.channels_last)
 
 

@@ -53,7 +53,8 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 
 def input_layer(shape, name="data") -> str:
     dims = " ".join(f"dim: {d}" for d in shape)
-    return f'layer {{ name: "{name}" type: "Input" top: "{name}" input_param {{ shape {{ {dims} }} }} }}\n'
+    return (f'layer {{ name: "{name}" type: "Input" top: "{name}" '
+            f'input_param {{ shape {{ {dims} }} }} }}\n')
 
 
 CONV_BN_NET = input_layer((2, 3, 17, 15)) + """
@@ -88,7 +89,7 @@ layer { name: "norm1" type: "LRN" bottom: "conv1" top: "norm1"
 layer { name: "pool1" type: "Pooling" bottom: "norm1" top: "pool1"
   pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
 layer { name: "a" type: "Convolution" bottom: "pool1" top: "a"
-  convolution_param { num_output: 6 kernel_size: 1 } }
+  convolution_param { num_output: 12 kernel_size: 1 group: 12 } }
 layer { name: "b" type: "Convolution" bottom: "pool1" top: "b"
   convolution_param { num_output: 6 kernel_size: 3 pad: 1 group: 2 } }
 layer { name: "c" type: "Pooling" bottom: "pool1" top: "c"
@@ -296,7 +297,8 @@ def test_channels_last_params_keep_values_and_gradients():
     grads = [p.grad.clone() for p in net.parameters()]
     net.zero_grad(set_to_none=True)
     channels_last_params(net)
-    assert net.layers[1].blobs[0].is_contiguous(memory_format=CL)
+    conv1, a = net.layers[1].blobs[0], net.layers[net.layer_names.index("a")].blobs[0]
+    assert conv1.is_contiguous() and a.is_contiguous(memory_format=CL)    # 1 input channel
     torch.manual_seed(3)
     values, _ = net({k: v.contiguous(memory_format=CL) for k, v in inputs.items()})
     values[net.blob_index["prob"]].sum().backward()
