@@ -20,7 +20,7 @@ from protonet.errors import ProtonetError
 from protonet.io.upgrade import read_net, read_solver
 from protonet.net.module import NetModule
 
-from test_zoo import run_cli, serve, tmp_zoo, write_entry  # noqa: F401
+from test_zoo import open_nsfw_files, run_cli, serve, tmp_zoo, write_entry  # noqa: F401
 
 TINY = """
 name: "tiny"
@@ -169,3 +169,27 @@ def test_every_entry_yields_a_finetuning_net(name, tmp_path):
     assert "Input" not in types and "Softmax" not in types
     retrained = [l for l in net.layer if l.name.endswith("_ft")]
     assert len(retrained) == 1 and [p.lr_mult for p in retrained[0].param][0] == 10
+
+
+def test_open_nsfw_finetunes_on_a_small_lmdb(open_nsfw_files, tmp_path):
+    """Real pretrained weights: three iterations on the conformance images, converted by
+    our own convert-imageset, run on the CPU and leave a snapshot with the new head."""
+    from conformance import ROOT
+    images = ROOT / "data" / "images"
+    if not (images / "list.txt").is_file():
+        pytest.skip(f"conformance images not found at {images}")
+    weights, _ = open_nsfw_files
+    lines = [l.split() for l in (images / "list.txt").read_text().splitlines() if l.strip()]
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{path} {int(label) % 2}\n" for path, label in lines))
+    db = tmp_path / "db"
+    assert run_cli("convert-imageset", "--resize_height", "256", "--resize_width", "256",
+                   "--no-progress", f"{images}/", str(listing), str(db)) == 0
+    out = tmp_path / "run"
+    assert run_cli("finetune", "open_nsfw", "--train", str(db), "--val", str(db),
+                   "--num-classes", "2", "--iterations", "3", "--batch-size", "2",
+                   "--weights", str(weights), "--out", str(out)) == 0
+    snapshots = sorted(out.rglob("*_iter_3.caffemodel"))
+    assert snapshots, f"no final snapshot under {out}"
+    tuned = protonet.Net(str(out / "train_val.prototxt"), str(snapshots[0]), protonet.TEST)
+    assert any(p.shape[0] == 2 for blobs in tuned.params.values() for p in blobs)
