@@ -38,7 +38,7 @@ import torch
 
 from ..errors import SolverError
 from ..io.weights import copy_weights, save_caffemodel
-from .solver import flat_outputs, group_scores, output_labels, score_line
+from .solver import group_scores, score_line
 from .updates import f32
 
 log = logging.getLogger("protonet")
@@ -188,18 +188,8 @@ class WeightEMA:
         solver = self.solver
         log.info("Iteration %d, testing net (#%d) with the EMA weights", solver.iter, index)
         iters = solver.param.test_iter[index]
-        module = solver.test_modules[index]
-        sums, loss, labels = None, 0.0, []
-        with self.swapped(), torch.no_grad():
-            for _ in range(iters):
-                values, batch_loss = solver._forward(index + 1)
-                if solver.param.test_compute_loss and batch_loss is not None:
-                    loss += float(batch_loss)
-                flat = flat_outputs(module, values)
-                if sums is None:
-                    sums, labels = flat.clone(), output_labels(module, values)
-                else:
-                    sums += flat
+        with self.swapped():
+            sums, loss, labels = solver.test_scores(index, iters)
         record = {"event": "test_ema", "iter": solver.iter, "net": index,
                   "decay": self.decay}
         if solver.param.test_compute_loss:

@@ -591,13 +591,21 @@ class Solver:
         """Caffe's Solver::Test: mean of each output element over test_iter batches."""
         log.info("Iteration %d, Testing net (#%d)", self.iter, index)
         iters = self.param.test_iter[index]
+        scores = self.test_scores(index, iters, interruptible=True)
+        if scores is None:
+            log.info("Test interrupted.")
+            return {}
+        return self._report_test(index, iters, *scores)
+
+    def test_scores(self, index: int, iters: int, interruptible: bool = False):
+        """(sums of the flattened outputs, summed loss, output labels) over `iters`
+        batches of test net `index`; None if a signal interrupted the test."""
         module = self.test_modules[index]
         sums, loss, labels = None, 0.0, []
         with torch.no_grad():
             for _ in range(iters):
-                if self._test_interrupted():
-                    log.info("Test interrupted.")
-                    return {}
+                if interruptible and self._test_interrupted():
+                    return None
                 values, batch_loss = self._forward(index + 1)
                 if self.param.debug_info:
                     forward_debug(module, values)
@@ -608,7 +616,7 @@ class Solver:
                     sums, labels = flat.clone(), output_labels(module, values)
                 else:
                     sums += flat
-        return self._report_test(index, iters, sums, loss, labels)
+        return sums, loss, labels
 
     def _report_test(self, index: int, iters: int, sums, loss: float, labels) -> dict:
         record = {"event": "test", "iter": self.iter, "net": index}
