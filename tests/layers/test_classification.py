@@ -8,47 +8,13 @@ import pytest
 import torch
 
 import protonet
-from protonet import caffe_pb2
-from protonet.io.text import parse_text
-from protonet.layers import layer_class
+from layer_helpers import build, expect_error, make_layer, run
 
 RNG = np.random.default_rng(11)
 
 
-def build(layer: str, inputs: dict[str, tuple], force_backward: bool = True) -> protonet.Net:
-    """A net of Input layers (one per entry of `inputs`) feeding `layer`."""
-    text = f"force_backward: {str(force_backward).lower()}\n"
-    for name, shape in inputs.items():
-        dims = " ".join(f"dim: {d}" for d in shape)
-        text += (f'layer {{ name: "in_{name}" type: "Input" top: "{name}" '
-                 f'input_param {{ shape {{ {dims} }} }} }}\n')
-    text += layer
-    return protonet.Net(parse_text(text, caffe_pb2.NetParameter()), protonet.TRAIN)
-
-
-def run(layer: str, **inputs: np.ndarray) -> protonet.Net:
-    net = build(layer, {name: value.shape for name, value in inputs.items()})
-    for name, value in inputs.items():
-        net.blobs[name].data[...] = value
-    net.forward()
-    return net
-
-
-def make_layer(text: str, *bottom_shapes: tuple):
-    param = parse_text(text, caffe_pb2.LayerParameter())
-    layer = layer_class(param.type)(param, protonet.TRAIN)
-    layer.setup(bottom_shapes)
-    layer.reshape(bottom_shapes)
-    return layer
-
-
 def randn(*shape: int) -> np.ndarray:
     return RNG.standard_normal(shape).astype(np.float32)
-
-
-def expect_error(layer: str, inputs: dict[str, tuple], match: str = ""):
-    with pytest.raises(protonet.NetError, match=f"layer 'L'.*{match}"):
-        build(layer, inputs)
 
 
 # -- Softmax -------------------------------------------------------------------------
