@@ -8,6 +8,7 @@ because Caffe's backward omits a term of the true derivative (the one eps brings
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..proto import caffe_pb2
 from .base import Layer, Shape
@@ -60,27 +61,25 @@ class BatchNorm(Layer):
         return [tuple(bottom_shapes[0])]
 
     def forward(self, x):
-        view = (1, self.channels) + (1,) * (x.dim() - 2)
+        eps = self.param.batch_norm_param.eps
         if self.use_global_stats:
             mean, var = self._stored_statistics()
-        else:
-            mean, var = self._batch_statistics(x, view)
-            self._update_running_statistics(mean, var, x.numel() // self.channels)
-        std = torch.sqrt(var + self.param.batch_norm_param.eps)
-        return (x - mean.reshape(view)) / std.reshape(view)
+            return F.batch_norm(x, mean, var, training=False, eps=eps)
+        with torch.no_grad():       # for the running sums only; torch's kernel below
+            var, mean = torch.var_mean(x, dim=[a for a in range(x.dim()) if a != 1],
+                                       unbiased=False)
+        m = x.numel() // self.channels
+        self._update_running_statistics(mean, var, m)
+        if m == 1:      # torch's kernel refuses one value per channel; the output is 0
+            return x - x.mean(dim=[a for a in range(x.dim()) if a != 1], keepdim=True)
+        # (x - batch mean) / sqrt(biased batch variance + eps), as Caffe, in one fused
+        # kernel whose backward is Caffe's full gradient through the batch statistics.
+        return F.batch_norm(x, None, None, training=True, eps=eps)
 
     def _stored_statistics(self):
         mean_sum, var_sum, factor = (b.detach() for b in self.blobs)
         scale = torch.where(factor == 0, torch.zeros_like(factor), 1 / factor)
         return mean_sum * scale, var_sum * scale
-
-    @staticmethod
-    def _batch_statistics(x, view):
-        """Per-channel mean and (biased) variance over every axis but 1."""
-        axes = [a for a in range(x.dim()) if a != 1]
-        mean = x.mean(dim=axes)
-        centered = x - mean.reshape(view)
-        return mean, (centered * centered).mean(dim=axes)
 
     def _update_running_statistics(self, mean, var, m: int):
         fraction = self.param.batch_norm_param.moving_average_fraction
