@@ -10,7 +10,8 @@ from protonet.io.text import parse_text
 from protonet.layers import layer_class
 
 
-def build(layer: str, inputs: dict[str, tuple], force_backward: bool = True) -> protonet.Net:
+def build(layer: str, inputs: dict[str, tuple], force_backward: bool = True,
+          phase: int = protonet.TRAIN) -> protonet.Net:
     """A net of Input layers (one per entry of `inputs`) feeding `layer`."""
     text = f"force_backward: {str(force_backward).lower()}\n"
     for name, shape in inputs.items():
@@ -18,7 +19,7 @@ def build(layer: str, inputs: dict[str, tuple], force_backward: bool = True) -> 
         text += (f'layer {{ name: "in_{name}" type: "Input" top: "{name}" '
                  f'input_param {{ shape {{ {dims} }} }} }}\n')
     text += layer
-    return protonet.Net(parse_text(text, caffe_pb2.NetParameter()), protonet.TRAIN)
+    return protonet.Net(parse_text(text, caffe_pb2.NetParameter()), phase)
 
 
 def run(layer: str, **inputs: np.ndarray) -> protonet.Net:
