@@ -69,9 +69,11 @@ def torch_ceil_mode(shape, kernel, pad, stride, out):
 
 
 def _channels_last_detour(pool):
-    """Run `pool` on a channels-last copy of an NCHW bottom; tops come back NCHW."""
+    """Run `pool` on a channels-last copy of an NCHW bottom; tops come back NCHW.
+    Not when the bottom needs a gradient: the layout copies in backward cost more
+    than the faster kernel saves (LeNet training: 6% slower with the detour)."""
     def run(x, *args, **kwargs):
-        if x.device.type != "cpu" or x.dim() != 4 or x.shape[1] < 2 or \
+        if x.device.type != "cpu" or x.dim() != 4 or x.shape[1] < 2 or x.requires_grad or \
                 x.is_contiguous(memory_format=torch.channels_last):
             return pool(x, *args, **kwargs)
         out = pool(x.contiguous(memory_format=torch.channels_last), *args, **kwargs)
