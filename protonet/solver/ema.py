@@ -31,15 +31,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 
 import numpy as np
 import torch
 
 from ..errors import SolverError
 from ..io.weights import copy_weights, save_caffemodel
-from .solver import group_scores, score_line
-from .updates import f32
 
 log = logging.getLogger("protonet")
 
@@ -190,18 +187,9 @@ class WeightEMA:
         iters = solver.param.test_iter[index]
         with self.swapped():
             sums, loss, labels = solver.test_scores(index, iters)
-        record = {"event": "test_ema", "iter": solver.iter, "net": index,
-                  "decay": self.decay}
-        if solver.param.test_compute_loss:
-            record["loss"] = f32(np.float32(loss) / np.float32(iters))
-            log.info("EMA test loss: %g", record["loss"])
-        means = (sums / iters).tolist() if sums is not None else []
-        for i, ((name, weight), value) in enumerate(zip(labels, means)):
-            log.info("    EMA test output #%d: %s", i, score_line(value, name, weight))
-        record["outputs"] = group_scores(labels, means)
-        record["time"] = time.time()
-        solver._publish(record)
-        return record["outputs"]
+        return solver._report_test(index, iters, sums, loss, labels, event="test_ema",
+                                   loss_label="EMA test loss",
+                                   output_label="EMA test output", decay=self.decay)
 
 
 def _nothing() -> None:

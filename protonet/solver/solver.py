@@ -618,15 +618,18 @@ class Solver:
                     sums += flat
         return sums, loss, labels
 
-    def _report_test(self, index: int, iters: int, sums, loss: float, labels) -> dict:
-        record = {"event": "test", "iter": self.iter, "net": index}
+    def _report_test(self, index: int, iters: int, sums, loss: float, labels,
+                     event: str = "test", loss_label: str = "Test loss",
+                     output_label: str = "Test net output", **extra) -> dict:
+        """Log and publish a test's means (Caffe's lines); returns the outputs by name."""
+        record = {"event": event, "iter": self.iter, "net": index, **extra}
         if self.param.test_compute_loss:
             loss = f32(np.float32(loss) / np.float32(iters))
-            log.info("Test loss: %g", loss)
+            log.info("%s: %g", loss_label, loss)
             record["loss"] = loss
         means = (sums / iters).tolist() if sums is not None else []
         for i, ((name, weight), value) in enumerate(zip(labels, means)):
-            log.info("    Test net output #%d: %s", i, score_line(value, name, weight))
+            log.info("    %s #%d: %s", output_label, i, score_line(value, name, weight))
         record["outputs"] = group_scores(labels, means)
         record["time"] = time.time()
         self._publish(record)
