@@ -28,6 +28,8 @@ def _view(tensor: torch.Tensor | None) -> np.ndarray:
     if tensor is None:
         return np.zeros(0, dtype=np.float32)
     tensor = tensor.detach()
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        return tensor.float().cpu().numpy()   # a copy (autocast blobs; numpy has no bf16)
     if tensor.device.type != "cpu":
         return tensor.cpu().numpy()      # a copy: assign with `blob.data = ...` on GPU
     return tensor.numpy()

@@ -87,10 +87,17 @@ def precision_dtype(precision: str) -> torch.dtype:
 
 
 def to_channels_last(tensor: torch.Tensor) -> torch.Tensor:
-    """A 4-axis floating tensor in NHWC memory order (same shape and values)."""
-    if tensor.dim() == 4 and tensor.is_floating_point():
-        return tensor.contiguous(memory_format=torch.channels_last)
-    return tensor
+    """A 4-axis floating tensor in NHWC memory order (same shape and values).
+
+    A contiguous 1-channel tensor already is NHWC in memory, but its strides read as
+    NCHW too, and torch then keeps the next convolution's top NCHW (LeNet's conv1, and
+    everything after it); a view with NHWC strides makes the layout unambiguous."""
+    if tensor.dim() != 4 or not tensor.is_floating_point():
+        return tensor
+    n, c, h, w = tensor.shape
+    if c == 1 and tensor.is_contiguous():
+        return tensor.as_strided(tensor.shape, (h * w, 1, w, 1))
+    return tensor.contiguous(memory_format=torch.channels_last)
 
 
 def channels_last_params(module) -> None:

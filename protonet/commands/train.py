@@ -25,6 +25,7 @@ from ..errors import ProtonetError
 from ..io.upgrade import read_solver
 from ..proto import caffe_pb2
 from ..solver import distributed, get_solver
+from ..speed import PRECISIONS, keep_freed_memory
 from . import train_extensions
 
 log = logging.getLogger("protonet")
@@ -54,6 +55,11 @@ def register(sub) -> None:
                    "iteration and the first non-finite layer (default), or continue")
     p.add_argument("--log-json", dest="log_json",
                    help="JSON-lines log path (default: <snapshot_prefix>.log.jsonl)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                   help="fp32: Caffe's numerics (default); bf16/fp16: mixed precision, "
+                        "forward passes under autocast, params and updates in float32. "
+                        "bf16 is fast on CPUs with AVX-512 BF16/AMX and on GPUs; fp16 is "
+                        "for GPUs (the loss is scaled dynamically)")
     train_extensions.add_arguments(p)
     p.set_defaults(func=run)
 
@@ -190,6 +196,8 @@ def train(args) -> int:
         distributed.init(device)      # before anything is logged or built
     try:
         _log_device(device)
+        if device.type == "cpu":      # reuse freed memory every iteration, as Caffe its blobs
+            keep_freed_memory()
         if world > 1:
             log.info("Data-parallel training on %d workers (%s); each takes the solver's "
                      "batch_size", world, "NCCL" if device.type == "cuda" else "gloo")
@@ -208,7 +216,8 @@ def _solve(args, param: caffe_pb2.SolverParameter, device: torch.device) -> int:
     actions = SignalActions(args.sigint_effect, args.sighup_effect)
     solver = get_solver(param, device, action=actions, log_json=log_json,
                         progress=sys.stderr.isatty(), source=args.solver,
-                        nan_effect=args.nan_effect)
+                        nan_effect=args.nan_effect,
+                        precision=args.precision)
     with actions, train_extensions.attached(solver, args):
         if args.snapshot:
             log.info("Resuming from %s", args.snapshot)

@@ -21,10 +21,14 @@ from ..layers import layer_class
 from ..layers.base import Layer, Shape
 from ..limits import shape_problem
 from ..proto import caffe_pb2
+from ..speed import to_channels_last
 from .splits import insert_splits
 from .state import filter_net
 
 PERMISSIVE = caffe_pb2.ParamSpec.PERMISSIVE
+# Layers torch runs faster on channels-last (NHWC) bottoms on the CPU (oneDNN
+# convolution without reorders, pooling vectorized over channels).
+NHWC_LAYERS = {"Convolution", "Deconvolution", "Pooling"}
 # What a layer's own code raises for parameters or shapes it cannot work with; at
 # build time these become an error naming the layer.
 SETUP_ERRORS = (ValueError, IndexError, RuntimeError, ZeroDivisionError, OverflowError,
@@ -43,6 +47,7 @@ class Step:
     losses: tuple[tuple[int, float], ...] = ()  # (top position, loss weight) pairs
     is_input: bool = False
     no_grad: bool = False             # Caffe skips this layer in Backward
+    spatial: bool = False             # convolves or pools: runs on NHWC bottoms when asked
 
 
 @dataclass
@@ -117,6 +122,7 @@ class NetModule(nn.Module):
         self.steps: list[Step] = []
         self.input_ids: list[int] = []
         self.learnable: list[LearnableParam] = []
+        self.channels_last = False
         self._build()
 
     # -- building ---------------------------------------------------------------
@@ -214,8 +220,10 @@ class NetModule(nn.Module):
             is_input = lp.type == "Input"
             if is_input:
                 self.input_ids.extend(tops)
+            spatial = lp.type in NHWC_LAYERS and \
+                all(len(self.blob_shapes[b]) == 4 for b in bottoms)
             self.steps.append(Step(layer_index, tuple(bottoms), tuple(tops), (), losses,
-                                   is_input))
+                                   is_input, spatial=spatial))
 
         self._prune_backward(layer_need_backward, bottom_need_backward)
         if self.net_param.force_backward:
@@ -393,6 +401,8 @@ class NetModule(nn.Module):
                 continue
             bottoms = [values[b].detach() if d else values[b]
                        for b, d in zip(step.bottoms, step.detach)]
+            if step.spatial and self.channels_last:
+                bottoms = [to_channels_last(b) for b in bottoms]
             try:
                 if step.no_grad and torch.is_grad_enabled():
                     with torch.no_grad():
@@ -419,6 +429,15 @@ class NetModule(nn.Module):
         shapes = [list(b.shape) for b in bottoms]
         return NetError(f"forward failed for bottoms {shapes}: {type(error).__name__}: "
                         f"{error}", layer.layer_name, layer.type)
+
+    def use_channels_last(self, enabled: bool = True) -> "NetModule":
+        """Convolve and pool channels-last (NHWC) activations: their bottoms are converted
+        once (a no-op for tops of earlier such layers) and their tops stay NHWC, as do
+        the element-wise layers after them. Blob shapes and values are unchanged, up to
+        float rounding (summation order); only memory order differs. Much faster on the
+        CPU (bench/bench_lenet_train.py); the solver turns it on there."""
+        self.channels_last = enabled
+        return self
 
     def optimize_for_inference(self, precision: str = "fp32", channels_last: bool | None = None,
                                compile: bool = False):

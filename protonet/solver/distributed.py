@@ -20,7 +20,11 @@ torch.distributed between them (NCCL for CUDA devices, gloo on the CPU):
   logs at INFO (the others log warnings, prefixed with their rank); the loss it
   displays is its own, as Caffe's root solver's;
 - the action rank 0's signal handler asks for (snapshot, stop) travels in the same
-  all-reduce, so every worker snapshots or stops at the same iteration.
+  all-reduce, so every worker snapshots or stops at the same iteration;
+- with fp16 loss scaling (protonet.solver.loss_scale) the finite check runs on the
+  averaged diffs, which every worker holds alike (a NaN or Inf on any worker reaches
+  all of them through the sum), so all workers skip an update together and keep one
+  loss scale without a collective of their own.
 
 `init` joins the group torchrun (or `spawn`) describes in RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a Solver built afterwards synchronizes

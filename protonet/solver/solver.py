@@ -24,14 +24,16 @@ import torch
 
 from .. import data as _data  # noqa: F401  (registers HDF5Data/HDF5Output)
 from ..device import select_device
-from ..errors import SolverError, closest
+from ..errors import ProtonetError, SolverError, closest
 from ..io.text import to_text
 from ..io.upgrade import read_net, read_solver, upgrade_solver
 from ..io.weights import copy_weights, save_caffemodel
 from ..net.module import NetModule
 from ..proto import caffe_pb2
 from ..pycaffe import Net
+from ..speed import PRECISIONS, autocast, precision_dtype
 from . import distributed
+from .loss_scale import LossScaler
 from .lr_policy import make_policy
 from .snapshot import (SolverStateData, check_history, load_history, read_state,
                        resolve_learned_net, snapshot_filename, write_state)
@@ -55,6 +57,17 @@ def solver_device(param: caffe_pb2.SolverParameter) -> torch.device:
         log.warning("solver_mode is GPU but CUDA is not available; using the CPU")
         return torch.device("cpu")
     return select_device(str(param.device_id))
+
+
+def _check_precision(precision: str) -> str:
+    """`precision` itself when it is one of PRECISIONS, else a SolverError."""
+    try:
+        precision_dtype(precision)
+    except (ProtonetError, TypeError):
+        raise SolverError(f"precision must be one of {', '.join(PRECISIONS)} (fp32: "
+                          "Caffe's numerics; bf16/fp16: mixed precision), got "
+                          f"{precision!r}") from None
+    return precision
 
 
 # -- net outputs -----------------------------------------------------------------
@@ -193,7 +206,11 @@ class Solver:
     `source` names the solver in errors (default: the path). A NaN or Inf loss
     stops training with a SolverError naming the iteration and the first layer
     whose output is not finite, before that iteration's update; with
-    `nan_effect="continue"` training goes on, as Caffe's does. Built after
+    `nan_effect="continue"` training goes on, as Caffe's does. `precision` "bf16"
+    or "fp16" runs the train and test nets' forward passes under torch.autocast
+    (mixed precision); params, gradients, solver history and snapshots stay
+    float32, and fp16 scales the loss dynamically (protonet.solver.loss_scale),
+    skipping the update of an iteration whose gradients overflowed. Built after
     `distributed.init`, the solver is one worker of data-parallel training
     (docs/distributed.md): only rank 0 tests, snapshots and writes the JSON log.
     """
@@ -202,12 +219,16 @@ class Solver:
 
     def __init__(self, param, device=None, *, action: Callable[[], str] | None = None,
                  log_json: str | None = None, progress: bool = False,
-                 source: str | None = None, nan_effect: str = STOP):
+                 source: str | None = None, nan_effect: str = STOP,
+                 precision: str = "fp32"):
         self.source = source or _source_name(param)
         self.param = _read_solver_param(param)
         if nan_effect not in (STOP, CONTINUE):
             raise SolverError(f"nan_effect must be '{STOP}' or '{CONTINUE}', got '{nan_effect}'")
         self.nan_effect = nan_effect
+        self.precision = _check_precision(precision)
+        # fp16 gradients underflow without a dynamic loss scale; bf16 and fp32 need none.
+        self.loss_scaler = LossScaler() if precision == "fp16" else None
         with _located(self.source):
             rule_class = self.rule_class or self._rule_for(self.param.type)
             rule_class.check(self.param)
@@ -221,7 +242,14 @@ class Solver:
         with _located(self.source):
             self.train_module = self._init_train_net()
             self.test_modules = self._init_test_nets()
+        if self.device.type == "cpu":      # NHWC convolution and pooling: faster there
+            for module in (self.train_module, *self.test_modules):
+                module.use_channels_last()
         log.info("Solver scaffolding done.")
+        if self.precision != "fp32":
+            log.info("Training in %s mixed precision (autocast)%s; params, gradients and "
+                     "updates in float32", self.precision,
+                     ", loss scaled dynamically" if self.loss_scaler is not None else "")
         self.iter = 0
         self.current_step = 0
         self.requested_early_exit = False
@@ -382,7 +410,8 @@ class Solver:
         return values, loss
 
     def _forward_backward(self, debug: bool):
-        values, loss = self._forward(0)
+        with autocast(self.precision, self.device):
+            values, loss = self._forward(0)
         if debug:
             forward_debug(self.train_module, values)
         if loss is None:
@@ -390,10 +419,11 @@ class Solver:
         if self.nan_effect == STOP and not bool(torch.isfinite(loss.detach())):
             raise self._nonfinite_error(float(loss.detach()), values)
         if loss.requires_grad:
-            loss.backward()
+            scaler = self.loss_scaler       # fp16: the diffs stay scaled until the update
+            (loss if scaler is None else scaler.scale_loss(loss)).backward()
         if debug:
             backward_debug(self.train_module)
-        return values, loss.detach()
+        return values, loss.detach().float()
 
     def _nonfinite_error(self, loss: float, values: list) -> SolverError:
         """What stops training on a NaN/Inf loss: the iteration and, as Caffe's
@@ -466,8 +496,11 @@ class Solver:
         return [param.grad for param in self._params]
 
     def _clear_diffs(self) -> None:
-        if self._params:
-            torch._foreach_zero_(self._grads())
+        """Caffe zeroes every diff before the backward passes; releasing them instead
+        lets the first backward store its gradient where it is made, rather than
+        zero-filling the diff and adding to it (two passes over every param)."""
+        for param in self._params:
+            param.grad = None
 
     def _accumulate(self, debug: bool):
         """iter_size forward/backward passes; returns the last values and mean loss."""
@@ -519,13 +552,31 @@ class Solver:
         """Caffe's SGDSolver::ApplyUpdate, then count the iteration."""
         rate, self.current_step = self._policy(self.iter, self.current_step)
         display = bool(self.param.display) and self.iter % self.param.display == 0
+        grads = self._grads() if self._params else []
+        with torch.no_grad():
+            finite = self._unscale(grads)   # fp16: before the display's histograms see them
         if display:
             log.info("Iteration %d, lr = %g", self.iter, rate)
             self._emit_display(rate)
-        if self._params:
+        if grads and finite:
             with torch.no_grad():
-                self._update(self._grads(), rate, display and self.param.debug_info)
+                self._update(grads, rate, display and self.param.debug_info)
         self.iter += 1
+
+    def _unscale(self, grads: list[torch.Tensor]) -> bool:
+        """fp16: divide the diffs by the loss scale; False when they are not finite
+        (the update is skipped, the scale backs off). Data-parallel workers check the
+        averaged diffs, the same on every worker, so all of them skip together."""
+        scaler = self.loss_scaler
+        if scaler is None:
+            return True
+        scale = scaler.scale
+        if scaler.unscale(grads):
+            return True
+        if self.rank == 0:
+            log.warning("fp16 gradients overflowed at loss scale %g: skipped the update of "
+                        "iteration %d; loss scale now %g", scale, self.iter, scaler.scale)
+        return False
 
     def _update(self, grads: list[torch.Tensor], rate: float, debug: bool) -> None:
         """Clip, normalize, regularize, apply the rule, then data -= diff."""
@@ -606,7 +657,8 @@ class Solver:
             for _ in range(iters):
                 if interruptible and self._test_interrupted():
                     return None
-                values, batch_loss = self._forward(index + 1)
+                with autocast(self.precision, self.device):
+                    values, batch_loss = self._forward(index + 1)
                 if self.param.debug_info:
                     forward_debug(module, values)
                 if self.param.test_compute_loss and batch_loss is not None:
@@ -670,7 +722,7 @@ class Solver:
             log.info("Optimization stopped early.")
             return
         if p.display and self.iter % p.display == 0:
-            with torch.no_grad():
+            with torch.no_grad(), autocast(self.precision, self.device):
                 _, loss = self._forward(0)
             self._smooth(loss if loss is not None else torch.zeros((), device=self.device))
             log.info("Iteration %d, loss = %g", self.iter, self.smoothed_loss)
@@ -818,7 +870,8 @@ SOLVERS: dict[str, type[Solver]] = {
 
 def get_solver(param, device=None, **options) -> Solver:
     """The solver class its `type` names (Caffe's SolverRegistry), built from a
-    prototxt path or a SolverParameter."""
+    prototxt path or a SolverParameter; `options` are Solver's keywords (e.g.
+    `precision="bf16"` for mixed-precision training)."""
     options.setdefault("source", _source_name(param))
     param = _read_solver_param(param)
     with _located(options["source"]):

@@ -50,13 +50,24 @@ class UpdateRule:
         return self.history[:n], self.history[n:]
 
 
+def _by_rate(rates: list[float]) -> list[tuple[float, list[int]]]:
+    """Param indices grouped by local rate (one fused op per rate; most nets have
+    one or two rates: lr_mult 1 for weights, 2 for biases)."""
+    groups: dict[float, list[int]] = {}
+    for i, rate in enumerate(rates):
+        groups.setdefault(rate, []).append(i)
+    return list(groups.items())
+
+
 class SGD(UpdateRule):
     """v = momentum * v + rate * g; step = v."""
 
     def apply(self, grads, rates, iteration):
         history = self.history
         torch._foreach_mul_(history, f32(self.param.momentum))
-        torch._foreach_add_(history, torch._foreach_mul(grads, rates))
+        for rate, members in _by_rate(rates):     # no scaled copy of the grads
+            torch._foreach_add_([history[i] for i in members], [grads[i] for i in members],
+                                alpha=rate)
         torch._foreach_copy_(grads, history)
 
 
