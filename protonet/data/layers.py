@@ -92,8 +92,11 @@ class _DatumSource(_Source):
         try:
             record = probe.peek()
             first, _ = self._decode(record)
+            encoded = parse_datum(record[1], self._where(record[0])).encoded
         finally:
             probe.close()
+        if not encoded:     # raw pixels: decoding is a copy, cheaper than a thread handoff
+            self.workers = 1
         self.item_shape = transformer.output_shape(first.shape, self._where(record[0]))
 
     def _where(self, key: bytes) -> str:

@@ -130,8 +130,14 @@ class Loader:
         if background:
             self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
             self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+            # The thread runs its torch ops on one core (see _run); torch.set_num_threads
+            # there also changes the process default, restored here once it has run.
+            threads, ready = torch.get_num_threads(), threading.Event()
+            self._thread = threading.Thread(target=self._run, args=(ready,), name=name,
+                                            daemon=True)
             self._thread.start()
+            ready.wait(timeout=CLOSE_TIMEOUT_S)
+            torch.set_num_threads(threads)
             _LIVE.add(self)
 
     def next(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -155,7 +161,12 @@ class Loader:
         self._thread = None
 
     # -- worker side ----------------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, ready: threading.Event) -> None:
+        # OpenMP keeps a thread count per calling thread, and by default a thread
+        # running a parallel op gets a team as large as the machine: this thread's
+        # normalization would compete with the net's own team for every core.
+        torch.set_num_threads(1)
+        ready.set()
         while not self._stop.is_set():
             try:
                 item = self._stage(self._produce())

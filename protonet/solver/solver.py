@@ -584,10 +584,15 @@ class Solver:
         if self.param.iter_size > 1:
             torch._foreach_mul_(grads, f32(np.float32(1) / np.float32(self.param.iter_size)))
         self._regularize(grads)
-        self._rule.apply(grads, self._local_rates(rate), self.iter)
+        steps = self._rule.apply(grads, self._local_rates(rate), self.iter)
+        if steps is None:
+            steps = grads
+        else:           # the step is the rule's own buffer (SGD's history): it is the diff
+            for param, step in zip(self._params, steps):
+                param.grad = step
         if debug:
-            update_debug(self.train_module, grads)
-        torch._foreach_sub_(self._params, grads)
+            update_debug(self.train_module, steps)
+        torch._foreach_sub_(self._params, steps)
 
     def _emit_display(self, rate: float) -> None:
         record, self._display_record = self._display_record, None

@@ -42,7 +42,9 @@ class UpdateRule:
     def check(cls, param: caffe_pb2.SolverParameter) -> None:
         """Caffe's constructor sanity checks for this rule."""
 
-    def apply(self, grads: Tensors, rates: list[float], iteration: int) -> None:
+    def apply(self, grads: Tensors, rates: list[float], iteration: int) -> Tensors | None:
+        """Turn grads into the step, in place (returning None), or return the tensors
+        holding the step (they become the params' diffs until the next backward)."""
         raise NotImplementedError
 
     def _halves(self) -> tuple[Tensors, Tensors]:
@@ -60,7 +62,7 @@ def _by_rate(rates: list[float]) -> list[tuple[float, list[int]]]:
 
 
 class SGD(UpdateRule):
-    """v = momentum * v + rate * g; step = v."""
+    """v = momentum * v + rate * g; step = v (the history itself, not a copy of it)."""
 
     def apply(self, grads, rates, iteration):
         history = self.history
@@ -68,7 +70,7 @@ class SGD(UpdateRule):
         for rate, members in _by_rate(rates):     # no scaled copy of the grads
             torch._foreach_add_([history[i] for i in members], [grads[i] for i in members],
                                 alpha=rate)
-        torch._foreach_copy_(grads, history)
+        return history
 
 
 class Nesterov(UpdateRule):
