@@ -6,8 +6,10 @@ Each command module defines `register(subparsers)` which adds its parser and set
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import logging
+import os
 import sys
 import warnings
 
@@ -82,6 +84,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"protonet {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def run() -> None:
+    """The `protonet` console command: main(), then a quick exit.
+
+    With torch loaded, the interpreter's own teardown (freeing every module object)
+    takes about 0.3 s after the work is done, a fifth of the whole run of a small
+    `test` or `classify`. Everything that must outlive the command is finished by
+    then (snapshots and logs are written and closed; files are replaced atomically),
+    so once the exit handlers have run (logging, data loaders) and the standard
+    streams are flushed, the process ends without that teardown."""
+    code = main()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":
