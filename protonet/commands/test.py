@@ -24,7 +24,7 @@ from ..net.module import NetModule
 from ..proto import caffe_pb2
 from ..solver.solver import flat_outputs, load_weights, output_labels, score_line
 from ..solver.updates import f32
-from ..speed import PRECISIONS, autocast
+from ..speed import PRECISIONS, autocast, keep_freed_memory
 
 log = logging.getLogger("protonet")
 
@@ -65,6 +65,9 @@ def run(args) -> int:
     stages = [s for arg in args.stage for s in arg.split(",") if s]
     module = NetModule(read_net(args.model), phase=caffe_pb2.TEST, level=args.level,
                        stages=stages).to(device)
+    if device.type == "cpu":      # as the solver's test nets: NHWC convolution and pooling
+        module.use_channels_last()
+        keep_freed_memory()
     if args.ensemble:
         return _run_ensemble(args, module, device)
     if any(re.search(r"[*?\[]", item) and not os.path.exists(item)
