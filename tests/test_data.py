@@ -213,6 +213,38 @@ def test_data_wraps_around_in_cursor_order(tmp_path, prefetch):
     data_layers.close_data_layers(n)
 
 
+PARALLEL_BATCH_SCRIPT = """
+import os, sys, torch, protonet
+from protonet.data import layers as data_layers
+from protonet.io.text import parse_text
+from protonet.proto import caffe_pb2
+torch.ones(1 << 20).sum()                      # the main thread's team exists
+before = len(os.listdir("/proc/self/task"))
+layer = ('layer { name: "d" type: "Data" top: "data" top: "label" '
+         'transform_param { scale: 0.5 mean_value: 10 } data_param { source: "%s" '
+         'batch_size: 64 backend: LMDB prefetch: 2 } }' % sys.argv[1])
+net = protonet.Net(parse_text(layer, caffe_pb2.NetParameter()), protonet.TEST)
+for _ in range(6):
+    out = net.forward()
+assert out["data"].shape == (64, 3, 16, 16)
+print(len(os.listdir("/proc/self/task")) - before)
+data_layers.close_data_layers(net)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts /proc threads")
+def test_prefetch_thread_runs_no_parallel_torch_op(tmp_path):
+    """A torch op big enough to run in parallel on the loader thread would start a
+    second OpenMP thread team, which slows every later step of the net (LeNet
+    training: 30%). Batches of 64 x 3 x 16 x 16 normalize with a parallel op, so
+    they must be normalized on the thread that takes them."""
+    source, _ = raw_records(tmp_path / "db", count=64, shape=(3, 16, 16))
+    done = subprocess.run([sys.executable, "-c", PARALLEL_BATCH_SCRIPT, source],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) == 1     # the loader thread, and no team of its own
+
+
 def test_data_with_one_top_gives_only_data(tmp_path):
     source, _ = raw_records(tmp_path / "db")
     n = data_net(source, tops=1, transform="crop_size: 4")
