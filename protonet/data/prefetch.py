@@ -4,14 +4,13 @@ Caffe's prefetching data layers fill a queue of `data_param.prefetch` batches on
 an internal thread while the net runs. `Loader` does the same with one daemon
 thread per layer calling the layer's `next_batch` (which itself decodes the
 records of a batch on a thread pool); batches come out in production order, so
-TEST batches stay deterministic. The mean and scale arithmetic runs where the net
-runs, when the batch is delivered: for a CUDA net a batch is left as pinned uint8
-and copied with `non_blocking=True` (a quarter of the float32 bytes), then
-normalized on the GPU; for a CPU net it is normalized by the main thread, with the
-net's own threads. Not on the loader thread: a torch op large enough to run in
-parallel there starts a second OpenMP thread team, and from then on the two teams
-contend for the cores (measured: LeNet training steps 30% slower for the rest of
-the run, even while the loader waits on a full queue).
+TEST batches stay deterministic. For a CUDA net a batch is left as pinned uint8
+and copied with `non_blocking=True` (a quarter of the float32 bytes), and the mean
+and scale arithmetic runs on the GPU; for a CPU net the loader thread does that
+arithmetic too, with numpy. Never with torch there: a torch op large enough to run
+in parallel on a second thread starts a second OpenMP thread team, and from then on
+the two teams contend for the cores (measured: LeNet training steps 30% slower for
+the rest of the run, even while the loader waits on a full queue).
 
 Shutdown: `Loader.close()` (also run when its layer is garbage collected) stops
 the thread after the batch in hand; at interpreter exit every loader is closed that
@@ -179,6 +178,9 @@ class Loader:
             batch.data = batch.data.pin_memory()
             if batch.label is not None:
                 batch.label = batch.label.pin_memory()
+        elif not batch.normalized:
+            batch.data = self._transformer.normalize_on_host(batch)
+            batch.normalized = True
         return batch
 
     # -- consumer side --------------------------------------------------------------

@@ -18,6 +18,7 @@ record order, so parallel decoding stays deterministic.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -161,8 +162,9 @@ class DataTransformer:
         return Batch(data, label, offsets, mirror)
 
     def normalize(self, batch: Batch) -> torch.Tensor:
-        """(pixel - mean) * scale in float32 (the pixels arrive already mirrored)."""
-        mean = self._mean(batch)
+        """(pixel - mean) * scale in float32 (the pixels arrive already mirrored), with
+        torch on the batch's device."""
+        mean = self._mean(batch, on_host=False)
         if mean is None:
             values = batch.data.to(torch.float32)
         else:
@@ -171,26 +173,48 @@ class DataTransformer:
             values.mul_(self.scale)
         return values
 
-    def _mean(self, batch: Batch) -> torch.Tensor | None:
-        """The mean each value subtracts, broadcastable to the batch."""
-        device = batch.data.device
+    def normalize_on_host(self, batch: Batch) -> torch.Tensor:
+        """normalize() of a CPU batch with numpy, for the loader thread: numpy computes
+        on the calling thread alone, while a torch op large enough to run in parallel
+        there would start a second OpenMP thread team, which then contends with the
+        net's for the cores. The same float32 operations, so the same values."""
+        pixels = batch.data.numpy()
+        mean = self._mean(batch, on_host=True)
+        if mean is None:
+            values = pixels.astype(np.float32)
+        else:
+            values = np.subtract(pixels, mean, dtype=np.float32)
+        if self.scale != 1.0:
+            values *= np.float32(self.scale)
+        return torch.from_numpy(values)
+
+    def _mean(self, batch: Batch, on_host: bool):
+        """The mean each value subtracts, broadcastable to the batch: a numpy array
+        (on_host), else a tensor on the batch's device."""
+        if on_host:
+            xp, offsets, mirror = np, batch.offsets.numpy(), batch.mirror.numpy()
+            arange, place = np.arange, (lambda array: array)
+        else:
+            device = batch.data.device
+            xp, offsets, mirror = torch, batch.offsets, batch.mirror
+            arange = functools.partial(torch.arange, device=device)
+            place = functools.partial(self._on_device, device=device)
         if self.mean_values is not None:
-            return self._on_device(self.mean_values, device).view(1, -1, 1, 1)
+            return place(self.mean_values).reshape(1, -1, 1, 1)
         if self.mean_image is None:
             return None
-        mean = self._on_device(self.mean_image, device)
+        mean = place(self.mean_image)
         height, width = batch.data.shape[-2:]
-        offsets, mirror = batch.offsets, batch.mirror
         if not bool(mirror.any()) and bool((offsets == offsets[:1]).all()):
             h, w = (int(v) for v in offsets[0])
             return mean[:, h:h + height, w:w + width]
         # Each item's window of the mean, its columns reversed where it is mirrored.
-        offsets, mirror = offsets.to(device), mirror.to(device)
-        steps = torch.arange(width, device=device)
-        steps = torch.where(mirror[:, None], width - 1 - steps, steps)
-        rows = offsets[:, :1] + torch.arange(height, device=device)
+        if not on_host:
+            offsets, mirror = offsets.to(device), mirror.to(device)
+        steps = xp.where(mirror[:, None], width - 1 - arange(width), arange(width))
+        rows = offsets[:, :1] + arange(height)
         cols = offsets[:, 1:] + steps
-        return mean[:, rows[:, :, None], cols[:, None, :]].transpose(0, 1)
+        return mean[:, rows[:, :, None], cols[:, None, :]].swapaxes(0, 1)
 
     def _on_device(self, array: np.ndarray, device: torch.device) -> torch.Tensor:
         cached = self._device_means.get(device)
