@@ -73,7 +73,10 @@ def chosen(n, cin, size, k, stride, pad) -> str:
     if k == 1 and pad == 0 and cin > 1:
         return "GEMM (1x1)"
     out = (size + 2 * pad - k) // stride + 1
-    if cin > 1 and n * out * out <= conv_kernels.GEMM_WEIGHT_GRAD_POSITIONS:
+    positions = n * out * out
+    if cin > 1 and positions <= conv_kernels.IM2COL_POSITIONS:
+        return "im2col + GEMM"
+    if cin > 1 and positions <= conv_kernels.GEMM_WEIGHT_GRAD_POSITIONS:
         return "oneDNN + GEMM dW"
     return "oneDNN"
 
