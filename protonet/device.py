@@ -42,7 +42,18 @@ def select_device(flag: str | None) -> torch.device:
     if ids[0] >= torch.cuda.device_count():
         raise ProtonetError(f"--gpu {ids[0]}: only {torch.cuda.device_count()} CUDA "
                             "device(s) visible")
+    configure_cuda()
     return torch.device("cuda", ids[0])
+
+
+def configure_cuda() -> None:
+    """cuDNN and cuBLAS settings for a CUDA run: convolution algorithms autotuned per
+    shape (a Caffe net's shapes are fixed, so the first iteration's search pays for
+    itself), and no TF32, so float32 stays float32, the numerics Caffe's results are
+    compared in; reduced precision is asked for with --precision bf16|fp16."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def synchronize(device: torch.device) -> None:

@@ -290,3 +290,50 @@ def test_cli_train_and_test_take_precision(work, capsys):
     with pytest.raises(SystemExit):
         cli_main(["train", "--solver", "solver.prototxt", "--precision", "fp64"])
     assert "invalid choice: 'fp64'" in capsys.readouterr().err
+
+
+# -- CUDA (runs where a GPU is present) --------------------------------------------------
+def test_configure_cuda_autotunes_and_keeps_float32_exact():
+    from protonet.device import configure_cuda
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.matmul.allow_tf32)
+    try:
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        configure_cuda()
+        assert torch.backends.cudnn.benchmark
+        assert not torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+         torch.backends.cuda.matmul.allow_tf32) = saved
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@needs_cuda
+def test_cuda_training_matches_the_cpu(work):
+    from protonet.device import configure_cuda
+    configure_cuda()
+    finals = []
+    for device in ("cpu", "cuda"):
+        solver = get_solver(param(max_iter=10), torch.device(device))
+        solver.solve()
+        assert all(p.device.type == device for p in solver.train_module.parameters())
+        assert all(h.device.type == device for h in solver._rule.history)
+        finals.append([p.cpu() for p in params_of(solver)])
+    for cpu, cuda in zip(*finals):
+        assert torch.allclose(cpu, cuda, rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_cuda_learns(work, precision):
+    solver = get_solver(param(max_iter=40), torch.device("cuda"), precision=precision)
+    before = fp32_loss(solver)
+    solver.solve()
+    assert all(p.dtype == torch.float32 for p in solver.train_module.parameters())
+    assert fp32_loss(solver) < 0.7 * before
+    if precision == "fp16":
+        assert 1.0 <= solver.loss_scaler.scale <= 2.0 ** 24

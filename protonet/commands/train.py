@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from ..device import parse_gpus, select_device
+from ..device import configure_cuda, parse_gpus, select_device
 from ..errors import ProtonetError
 from ..io.upgrade import read_solver
 from ..proto import caffe_pb2
@@ -126,6 +126,7 @@ def train_device(args, param: caffe_pb2.SolverParameter,
                                 "CUDA device(s) visible")
     if device.type == "cuda":
         param.device_id = device.index
+        configure_cuda()
     return device
 
 
