@@ -32,6 +32,7 @@ from protonet.io.weights import blob_to_array, read_weights
 from protonet.proto import caffe_pb2
 from protonet.solver import distributed, get_solver
 from protonet.solver.snapshot import read_state
+from workers import run_workers
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
@@ -284,21 +285,9 @@ def _api_worker(rank: int, world: int, port: int, folder: str) -> None:
 
 
 def test_workers_agree_and_only_rank_0_writes_or_tests(tmp_path, monkeypatch):
-    import torch.multiprocessing as mp
     _setup(tmp_path, "HDF5Data")
-    port = distributed.free_port()
     monkeypatch.setenv("OMP_NUM_THREADS", "1")     # the spawned workers inherit it
-    context = mp.start_processes(_api_worker, args=(2, port, str(tmp_path)), nprocs=2,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not context.join(timeout=1):
-            assert time.monotonic() < deadline, "the workers overran their deadline"
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join()
+    run_workers(_api_worker, str(tmp_path), deadline_s=DEADLINE_S)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     # Rank 0 stopped at iteration 5 (its handler), and so did rank 1 (told with the
     # gradients); rank 0 alone tested (0 and 3), snapshotted (4, and 5 at the stop).

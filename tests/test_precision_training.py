@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import re
-import time
 from pathlib import Path
 
 import h5py
@@ -26,6 +25,7 @@ from protonet.proto import caffe_pb2
 from protonet.solver import distributed, get_solver
 from protonet.solver.loss_scale import LossScaler
 from protonet.solver.snapshot import read_state
+from workers import run_workers
 
 ROWS, SIDE, CLASSES = 48, 8, 4
 
@@ -236,19 +236,8 @@ def _fp16_worker(rank: int, world: int, port: int, folder: str) -> None:
 def test_fp16_workers_skip_together(work, monkeypatch):
     """The finite check runs on the averaged diffs: one worker's overflow makes every
     worker skip that update and back off to the same scale."""
-    import torch.multiprocessing as mp
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    context = mp.start_processes(_fp16_worker, args=(2, distributed.free_port(), str(work)),
-                                 nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 60
-    try:
-        while not context.join(timeout=1):
-            assert time.monotonic() < deadline, "the workers overran their deadline"
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join()
+    run_workers(_fp16_worker, str(work))
     records = [json.loads((work / f"rank{r}.json").read_text()) for r in range(2)]
     assert records[0] == records[1]
     assert [r["updated"] for r in records[0]] == [True, True, False, True]
