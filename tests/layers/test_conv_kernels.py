@@ -94,13 +94,14 @@ def test_other_convolutions_are_torch_s(groups, dilation, layout):
     assert torch.allclose(y, F.conv2d(x, w, None, 1, 0, dilation, groups), atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("k,pad,size", [(1, 0, 7), (3, 1, 7), (3, 1, 12)])
-def test_bf16_autocast_runs_in_bf16_and_returns_float32_gradients(k, pad, size):
+def test_autocast_runs_in_low_precision_and_returns_float32_gradients(k, pad, size, dtype):
     x, w, b = _case(1, 32, 16, size, k, dtype=torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         y = conv_kernels.conv2d(x, w, b, (1, 1), (pad, pad), (1, 1), 1)
         expected = F.conv2d(x, w, b, 1, pad)
-    assert y.dtype == torch.bfloat16 == expected.dtype
+    assert y.dtype == dtype == expected.dtype
     scale = expected.float().abs().max()
     assert (y.float() - expected.float()).abs().max() < 2e-2 * scale
     got, want = _grads(y, (x, w, b)), _grads(expected, (x, w, b))
