@@ -399,3 +399,28 @@ def test_bias_gradcheck_two_bottoms():
 ])
 def test_bias_errors(layers, inputs, match):
     expect_error(layers, inputs, match)
+
+
+@pytest.mark.parametrize("shape,bias,layout", [((2, 3, 4, 5), True, "nchw"),
+                                               ((2, 3, 4, 5), False, "nhwc"),
+                                               ((4, 3), True, "nchw"), ((2, 3, 6), True, "nchw")])
+def test_per_channel_scale_path_matches_multiply_add(shape, bias, layout):
+    """Scale's per-channel case runs as a batch norm with mean 0, variance 1, eps 0;
+    values and all three gradients are x * s + b's."""
+    from protonet.layers.normalization import _channel_affine
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    s = torch.randn(shape[1], generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(shape[1], generator=gen, dtype=torch.float64, requires_grad=True) \
+        if bias else None
+    view = (1, -1) + (1,) * (len(shape) - 2)
+    expected = x * s.view(view) + (b.view(view) if bias else 0)
+    got = _channel_affine(x, s, b)
+    assert torch.allclose(got, expected, rtol=1e-14, atol=1e-14)
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64)
+    inputs = [x, s] + ([b] if bias else [])
+    for g, e in zip(torch.autograd.grad(got, inputs, dy), torch.autograd.grad(expected, inputs, dy)):
+        assert torch.allclose(g, e, rtol=1e-12, atol=1e-12)
