@@ -87,6 +87,7 @@ def time_net(module: NetModule, iterations: int, device, inputs=None,
     if options.channels_last:
         inputs = {name: to_channels_last(t) for name, t in inputs.items()}
         channels_last_params(module)
+        module.use_channels_last()
     steps = [s for s in module.steps if not s.is_input]
     fwd = [0.0] * len(steps)
     bwd = [0.0] * len(steps)

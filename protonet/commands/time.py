@@ -1,13 +1,15 @@
 """`protonet time`: per-layer forward/backward timings, like `caffe time`.
 
-Caffe's flags keep their meaning. The fast paths of protonet.speed are opt-in:
---precision bf16|fp16 (autocast for the layer-by-layer and training passes, pre-cast
-weights in the inference plan), --channels-last (NHWC activations), --compile
-(torch.compile of the inference plan). On CPU, freed tensor memory is kept for reuse
-(protonet.speed.keep_freed_memory), as Caffe keeps its blobs between iterations.
+Caffe's flags keep their meaning. Fast paths of protonet.speed: --precision
+bf16|fp16 (autocast for the layer-by-layer and training passes, pre-cast weights in
+the inference plan), --compile (torch.compile of the inference plan), and NHWC
+activations, on by default on the CPU as in training (--no-channels-last for NCHW).
+On CPU, freed tensor memory is kept for reuse (protonet.speed.keep_freed_memory), as
+Caffe keeps its blobs between iterations.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 
 from ..device import select_device
@@ -33,7 +35,8 @@ def register(sub) -> None:
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="fp32 (Caffe's numerics), or bf16/fp16 convolutions and products")
     p.add_argument("--channels-last", "--channels_last", dest="channels_last",
-                   action="store_true", help="NHWC activations (faster on CPU)")
+                   action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC activations (default: on for the CPU, as the solver trains)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the inference plan (eager if compiling fails)")
     p.set_defaults(func=run)
@@ -48,10 +51,11 @@ def run(args) -> int:
     net.force_backward = True   # caffe time runs every layer's Backward
     module = NetModule(net, phase=getattr(caffe_pb2, args.phase), level=args.level,
                        stages=stages).to(device)
-    options = TimingOptions(args.precision, args.channels_last, args.compile)
+    channels_last = device.type == "cpu" if args.channels_last is None else args.channels_last
+    options = TimingOptions(args.precision, channels_last, args.compile)
     log.info("*** Benchmark begins ***")
     log.info("Testing for %d iterations (precision %s%s%s).", args.iterations,
-             args.precision, ", channels-last" if args.channels_last else "",
+             args.precision, ", channels-last" if channels_last else "",
              ", compile" if args.compile else "")
     t = time_net(module, args.iterations, device, options=options,
                  on_iteration=lambda i, ms: log.info(
