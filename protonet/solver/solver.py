@@ -658,7 +658,7 @@ class Solver:
         batches of test net `index`; None if a signal interrupted the test."""
         module = self.test_modules[index]
         sums, loss, labels = None, 0.0, []
-        with torch.no_grad():
+        with torch.inference_mode():      # no autograd bookkeeping at all (Caffe's TEST)
             for _ in range(iters):
                 if interruptible and self._test_interrupted():
                     return None
