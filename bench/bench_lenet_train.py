@@ -15,7 +15,9 @@ child's working directory).
 `protonet train` runs as a child process; the bench prints its wall time (process
 start to exit), iterations/s overall and in steady state, the final test accuracy
 and the child's peak RSS, beside BVLC Caffe's figures for the same run on the
-development machine (2 cores): 23.4 to 28.4 s wall, 97 MB peak RSS.
+development machine (2 cores): 23.4 to 28.4 s wall, 97 MB peak RSS. When a `caffe`
+binary is on PATH, it runs the same solver on the same LMDBs right after, and its
+wall time and peak RSS are printed beside ours (its log goes to caffe.log).
 
     python bench/bench_lenet_train.py [--iterations 1000] [--gpu 0] [--workdir DIR]
 """
@@ -24,7 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -85,23 +87,47 @@ def prepare(folder: Path, iterations: int) -> None:
     (folder / "snapshots").mkdir(exist_ok=True)
 
 
-def run(folder: Path, gpu: str | None) -> float:
+def child(cmd: list[str], folder: Path, env=None, log: Path | None = None) -> tuple[float, int]:
+    """Run `cmd` in `folder`: (wall seconds, the child's own peak RSS in KiB)."""
+    start = time.perf_counter()
+    with open(log, "w") if log else open(os.devnull, "w") as sink:
+        process = subprocess.Popen(cmd, cwd=folder, env=env,
+                                   stderr=sink if log else None)
+        _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise SystemExit(f"{cmd[0]} exited with {process.returncode}"
+                         + (f"; see {log}" if log else ""))
+    return wall, usage.ru_maxrss            # Linux: KiB
+
+
+def run(folder: Path, gpu: str | None) -> tuple[float, int]:
     cmd = [sys.executable, "-m", "protonet", "-q", "train", "--solver",
            "lenet_solver.prototxt", "--log-json", "log.jsonl"]
     if gpu is not None:
         cmd += ["--gpu", gpu]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=folder, env=env, check=True)
-    return time.perf_counter() - start
+    return child(cmd, folder, env)
 
 
-def report(folder: Path, iterations: int, wall: float) -> None:
+def run_caffe(folder: Path, gpu: str | None) -> tuple[float, int] | None:
+    """The same run by a `caffe` binary on PATH (same LMDBs and solver), if there is one."""
+    caffe = shutil.which("caffe")
+    if caffe is None:
+        return None
+    cmd = [caffe, "train", "--solver=lenet_solver.prototxt"]
+    if gpu is not None:
+        cmd.append(f"--gpu={gpu}")
+    return child(cmd, folder, log=folder / "caffe.log")
+
+
+def report(folder: Path, iterations: int, wall: float, peak_kib: int,
+           caffe: tuple[float, int] | None) -> None:
     events = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
     train = [e for e in events if e["event"] == "train"]
     tests = [e for e in events if e["event"] == "test"]
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss   # Linux: KiB
     print(f"run:                 {iterations} iterations + {len(tests)} tests of 100 "
           "batches")
     print(f"wall time:           {wall:.1f} s (process start to exit)")
@@ -113,6 +139,10 @@ def report(folder: Path, iterations: int, wall: float) -> None:
         print(f"final test accuracy: {tests[-1]['outputs']['accuracy']:.3f}")
     print(f"peak RSS (child):    {peak_kib * 1024 / 1e6:.0f} MB "
           f"({peak_kib / 1024:.0f} MiB)")
+    if caffe is not None:
+        caffe_wall, caffe_kib = caffe
+        print(f"caffe, same run now: {caffe_wall:.1f} s wall ({caffe_wall / wall:.2f}x ours), "
+              f"peak RSS {caffe_kib * 1024 / 1e6:.0f} MB (log: {folder / 'caffe.log'})")
     print(f"reference:           {CAFFE}")
 
 
@@ -127,8 +157,9 @@ def main() -> None:
         folder = Path(args.workdir or tmp).resolve()
         folder.mkdir(parents=True, exist_ok=True)
         prepare(folder, args.iterations)
-        wall = run(folder, args.gpu)
-        report(folder, args.iterations, wall)
+        wall, peak_kib = run(folder, args.gpu)
+        caffe = run_caffe(folder, args.gpu)
+        report(folder, args.iterations, wall, peak_kib, caffe)
 
 
 if __name__ == "__main__":
