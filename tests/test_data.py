@@ -76,11 +76,15 @@ def transformer(text: str, phase=TEST, **kwargs) -> DataTransformer:
 
 
 def run(t: DataTransformer, images: list[np.ndarray]):
-    """Transform images with `t`; returns the batch and each item's Crop."""
+    """Transform images with `t`; returns the batch and each item's Crop. The torch
+    arithmetic (device batches) and the numpy one (the CPU loader thread) must agree
+    to the bit."""
     crops = [t.crop(im, d, f"item {i}") for i, (im, d) in
              enumerate(zip(images, t.draw(len(images))))]
     batch = t.collate(crops, None, [str(i) for i in range(len(images))])
-    return t.normalize(batch).numpy(), crops
+    values = t.normalize(batch).numpy()
+    np.testing.assert_array_equal(t.normalize_on_host(batch).numpy(), values)
+    return values, crops
 
 
 def reference(im, crop, mean=0.0, scale=1.0, size=None) -> np.ndarray:
