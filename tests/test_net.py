@@ -996,3 +996,67 @@ layer { name: "p" type: "Pooling" bottom: "x" top: "y"
         pooling_param { pool: MAX kernel_size: 1 stride: 3 } }'''
     with pytest.raises(protonet.ShapeError, match=r"layer .p. \(Pooling\).*starts outside"):
         build(text)
+
+
+# -- BatchNorm + Scale pairs ----------------------------------------------------------------
+BN_SCALE_NET = """
+force_backward: true
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 5 dim: 5 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 4 kernel_size: 3 pad: 1 bias_term: false
+                            weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv"
+        batch_norm_param { use_global_stats: true } }
+layer { name: "scale" type: "Scale" bottom: "conv" top: "conv"
+        scale_param { bias_term: true filler { type: "uniform" min: 0.5 max: 2 }
+                      bias_filler { type: "uniform" min: -1 max: 1 } } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "bn2" type: "BatchNorm" bottom: "conv" top: "normed" }
+layer { name: "scale2" type: "Scale" bottom: "normed" top: "normed" }
+layer { name: "ip" type: "InnerProduct" bottom: "normed" top: "ip"
+        inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.3 } } }
+"""
+
+
+@pytest.mark.parametrize("phase", [caffe_pb2.TRAIN, TEST])
+def test_batchnorm_scale_pairs_run_as_one_pass_with_the_same_results(phase):
+    """An in-place BatchNorm (stored statistics) + per-channel Scale is one batch-norm
+    pass; blobs and every gradient equal running the two layers one after the other.
+    (bn2 uses batch statistics in TRAIN: not paired there.)"""
+    net = build(BN_SCALE_NET, phase).double()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name in ("bn", "bn2"):
+            mean, var, factor = layer(net, name).blobs
+            mean.normal_(0, 1, generator=gen), var.uniform_(0.5, 2, generator=gen)
+            factor.fill_(2.0)
+    steps = {net.layer_names[s.layer]: i for i, s in enumerate(net.steps)}
+    expected_pairs = {steps["bn"]: steps["scale"]}
+    if phase == TEST:
+        expected_pairs[steps["bn2"]] = steps["scale2"]
+    assert net.fused_scale == expected_pairs
+    data = torch.randn(2, 3, 5, 5, generator=gen, dtype=torch.float64)
+
+    def run():
+        x = data.clone().requires_grad_()
+        values, _ = net({"data": x})
+        values[net.blob_index["ip"]].square().sum().backward()
+        grads = [x.grad] + [p.grad.clone() for p in net.parameters() if p.grad is not None]
+        net.zero_grad(set_to_none=True)
+        return [values[net.blob_index[b]].detach() for b in ("conv", "normed", "ip")], grads
+
+    fused = run()
+    pairs, net.fused_scale = net.fused_scale, {}
+    separate = run()
+    net.fused_scale = pairs
+    for got, want in zip(fused[0] + fused[1], separate[0] + separate[1]):
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_partial_forward_may_split_a_batchnorm_scale_pair():
+    net = protonet.Net(net_param(BN_SCALE_NET), protonet.TEST)
+    net.blobs["data"].data[...] = np.random.default_rng(0).normal(size=(2, 3, 5, 5))
+    full = net.forward()["ip"].copy()
+    net.forward(end="bn")                    # BatchNorm alone...
+    net.forward(start="scale")               # ...then the rest, from Scale on
+    np.testing.assert_allclose(net.blobs["ip"].data, full, rtol=1e-5, atol=1e-6)

@@ -76,6 +76,18 @@ class BatchNorm(Layer):
         # kernel whose backward is Caffe's full gradient through the batch statistics.
         return F.batch_norm(x, None, None, training=True, eps=eps)
 
+    def with_scale(self, scale: "Scale", x: torch.Tensor):
+        """This layer on stored statistics followed by the per-channel `scale`, as one
+        batch-norm pass with Scale's blobs as its affine part (NetModule runs an
+        in-place BatchNorm + Scale pair so); None where it does not apply."""
+        gamma = scale.blobs[0]
+        beta = scale.blobs[1] if scale.param.scale_param.bias_term else None
+        if not self.use_global_stats or x.dtype != gamma.dtype:
+            return None
+        mean, var = self._stored_statistics()
+        eps = self.param.batch_norm_param.eps
+        return lambda x: F.batch_norm(x, mean, var, gamma, beta, False, 0.0, eps)
+
     def _stored_statistics(self):
         mean_sum, var_sum, factor = (b.detach() for b in self.blobs)
         scale = torch.where(factor == 0, torch.zeros_like(factor), 1 / factor)
@@ -205,6 +217,14 @@ class Scale(Layer):
         if self.param.scale_param.bias_term:
             _operand_axis(self, bottom, tuple(self.blobs[-1].shape), axis, "bias")
         return [bottom]
+
+    def per_channel_of(self, shape: Shape) -> bool:
+        """A learned scale (and bias) of one value per channel (axis 1) of `shape`."""
+        p = self.param.scale_param
+        if len(self.param.bottom) != 1 or len(shape) < 2 or \
+                self.canonical_axis(p.axis, len(shape)) != 1:
+            return False
+        return all(tuple(b.shape) == (shape[1],) for b in self.blobs)
 
     def forward(self, *bottoms):
         x = bottoms[0]

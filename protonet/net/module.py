@@ -241,6 +241,7 @@ class NetModule(nn.Module):
             step.detach = tuple(not n for n in bottom_need_backward[i])
             step.no_grad = not layer_need_backward[i]
         self.layer_need_backward = layer_need_backward
+        self.fused_scale = self._find_batchnorm_scale_pairs()
         self.blob_need_backward = blob_need_backward
         self.output_ids = [blob_id[n] for n in sorted(available)]
         self.blob_index = blob_id
@@ -370,6 +371,23 @@ class NetModule(nn.Module):
                     skip.add(name)
 
     # -- running ----------------------------------------------------------------
+    def _find_batchnorm_scale_pairs(self) -> dict[int, int]:
+        """{step of a BatchNorm on stored statistics: step of the per-channel Scale right
+        after it, in place on its top}. The pair runs as one batch-norm pass with the
+        Scale as its affine part; their shared blob only ever shows Scale's output."""
+        pairs = {}
+        for i in range(len(self.steps) - 1):
+            bn_step, scale_step = self.steps[i], self.steps[i + 1]
+            bn, scale = self.layers[bn_step.layer], self.layers[scale_step.layer]
+            if bn.type != "BatchNorm" or not bn.use_global_stats or scale.type != "Scale":
+                continue
+            if scale_step.bottoms == bn_step.tops and scale_step.tops == bn_step.tops and \
+                    not bn_step.losses and not scale_step.losses and \
+                    bn_step.no_grad == scale_step.no_grad and not scale_step.detach[0] and \
+                    scale.per_channel_of(self.blob_shapes[bn_step.tops[0]]):
+                pairs[i] = i + 1
+        return pairs
+
     @property
     def input_names(self) -> list[str]:
         return [self.blob_names[i] for i in self.input_ids]
@@ -392,7 +410,11 @@ class NetModule(nn.Module):
         end = len(self.steps) - 1 if end is None else end
         loss = None
         layers = self.layers
-        for step in self.steps[start:end + 1]:
+        skip = -1
+        for index in range(start, end + 1):
+            step = self.steps[index]
+            if index == skip:           # the Scale of a BatchNorm + Scale pair, done
+                continue
             if step.is_input:
                 for t in step.tops:
                     if values[t] is None:
@@ -403,12 +425,19 @@ class NetModule(nn.Module):
                        for b, d in zip(step.bottoms, step.detach)]
             if step.spatial and self.channels_last:
                 bottoms = [to_channels_last(b) for b in bottoms]
+            run = layers[step.layer]
+            partner = self.fused_scale.get(index)
+            if partner is not None and partner <= end:
+                fused = layers[step.layer].with_scale(layers[self.steps[partner].layer],
+                                                      bottoms[0])
+                if fused is not None:
+                    run, skip = fused, partner
             try:
                 if step.no_grad and torch.is_grad_enabled():
                     with torch.no_grad():
-                        out = layers[step.layer](*bottoms)
+                        out = run(*bottoms)
                 else:
-                    out = layers[step.layer](*bottoms)
+                    out = run(*bottoms)
             except torch.OutOfMemoryError:
                 raise                   # a resource limit, which callers may handle
             except FORWARD_ERRORS as e:
