@@ -18,7 +18,8 @@ the speedup (Caffe ms / ours).
 - train step: a TRAIN-phase forward with autograd and a full backward from the
   outputs (gradient ones) to every param and intermediate blob, not to the input
   data: what a training iteration pays, more work than Caffe's column.
-  Fast paths for both: channels-last inputs and weights, bf16 by torch.autocast.
+  Fast paths for both: channels-last activations (NetModule.use_channels_last), bf16
+  by torch.autocast.
 
 Weights are random (He-normal; BatchNorm statistics near 1), as timing needs no
 trained values. Freed memory is kept for reuse (protonet.speed.keep_freed_memory),
@@ -51,8 +52,7 @@ sys.path.insert(0, str(REPO))
 from protonet.io.upgrade import read_net  # noqa: E402
 from protonet.net.module import NetModule  # noqa: E402
 from protonet.proto import caffe_pb2  # noqa: E402
-from protonet.speed import (channels_last_params, keep_freed_memory,  # noqa: E402
-                            to_channels_last)
+from protonet.speed import keep_freed_memory, to_channels_last  # noqa: E402
 from protonet.timing import TimingOptions, median_ms, random_inputs, time_training  # noqa: E402
 
 NETS_DIR = Path(os.environ.get("PROTONET_CONFORMANCE", REPO.parent / "shared" / "conformance")) \
@@ -170,8 +170,7 @@ def time_protonet(row: Row, iterations: int, compile: bool, skip_default: bool) 
     for precision in ("fp32", "bf16"):
         plan = test.optimize_for_inference(precision, channels_last=True, compile=compile)
         forward = median_ms(lambda: plan(inputs), iterations, device, warmup=2)
-        train = build(row, caffe_pb2.TRAIN)
-        channels_last_params(train)
+        train = build(row, caffe_pb2.TRAIN).use_channels_last()
         results[f"protonet {precision}"] = (forward,) + _backward_figures(
             train, cl_inputs, iterations, TimingOptions(precision, channels_last=True,
                                                         input_grad=False))

@@ -100,18 +100,6 @@ def to_channels_last(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous(memory_format=torch.channels_last)
 
 
-def channels_last_params(module) -> None:
-    """Store the 4-axis params with one input channel (the convolution of a 1-channel
-    image, depthwise convolutions) in NHWC memory order, in place; values and shapes are
-    unchanged. A 1-channel bottom reads as NCHW, so without this its convolution's top
-    (and everything after) would leave the channels-last layout. Other weights stay
-    NCHW: in NHWC, torch copies big weights on every backward."""
-    with torch.no_grad():
-        for param in module.parameters():
-            if param.dim() == 4 and param.shape[1] == 1:
-                param.data = param.data.contiguous(memory_format=torch.channels_last)
-
-
 def autocast(precision: str, device: torch.device):
     """torch.autocast for bf16/fp16 (conv and matmul in low precision), or nothing."""
     dtype = precision_dtype(precision)

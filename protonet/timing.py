@@ -20,7 +20,7 @@ import torch
 
 from .device import synchronize
 from .net.module import NetModule
-from .speed import autocast, channels_last_params, to_channels_last
+from .speed import autocast, to_channels_last
 
 
 @dataclass
@@ -86,7 +86,6 @@ def time_net(module: NetModule, iterations: int, device, inputs=None,
     inputs = inputs if inputs is not None else random_inputs(module, device)
     if options.channels_last:
         inputs = {name: to_channels_last(t) for name, t in inputs.items()}
-        channels_last_params(module)
         module.use_channels_last()
     steps = [s for s in module.steps if not s.is_input]
     fwd = [0.0] * len(steps)

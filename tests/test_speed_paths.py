@@ -19,7 +19,7 @@ from protonet.io.upgrade import read_net
 from protonet.layers import lrn, pooling
 from protonet.net.module import NetModule
 from protonet.proto import caffe_pb2
-from protonet.speed import InferenceNet, autocast, channels_last_params, keep_freed_memory
+from protonet.speed import InferenceNet, autocast, keep_freed_memory
 from protonet.timing import TimingOptions, random_inputs, time_net
 
 CL = torch.channels_last
@@ -288,7 +288,7 @@ def test_autocast_training_pass_is_close_to_fp32():
     assert relative_error(values[net.blob_index["prob"]].float(), expected) < BF16_TOLERANCE
 
 
-def test_channels_last_params_keep_values_and_gradients():
+def test_channels_last_module_keeps_values_and_gradients():
     net = module("force_backward: true\n" + ALEX_LIKE_NET, phase=caffe_pb2.TRAIN)
     inputs = random_inputs(net, "cpu")
     torch.manual_seed(3)
@@ -296,11 +296,11 @@ def test_channels_last_params_keep_values_and_gradients():
     values[net.blob_index["prob"]].sum().backward()
     grads = [p.grad.clone() for p in net.parameters()]
     net.zero_grad(set_to_none=True)
-    channels_last_params(net)
-    conv1, a = net.layers[1].blobs[0], net.layers[net.layer_names.index("a")].blobs[0]
-    assert conv1.is_contiguous() and a.is_contiguous(memory_format=CL)    # 1 input channel
+    net.use_channels_last()
     torch.manual_seed(3)
     values, _ = net({k: v.contiguous(memory_format=CL) for k, v in inputs.items()})
+    for name in ("conv1", "pool1", "a", "b", "c"):     # "a": 1 input channel per group
+        assert values[net.blob_index[name]].is_contiguous(memory_format=CL), name
     values[net.blob_index["prob"]].sum().backward()
     for before, param in zip(grads, net.parameters()):
         assert torch.allclose(param.grad, before, rtol=1e-4, atol=1e-6)
