@@ -281,7 +281,7 @@ class _Planner:
             nxt = self.steps[i + 1]
             scale_layer = self.module.layers[nxt.layer]
             if scale_layer.type == "Scale" and nxt.bottoms == step.tops and \
-                    _per_channel_scale(scale_layer, layer.channels):
+                    scale_layer.per_channel_of(self.module.blob_shapes[step.tops[0]]):
                 gamma = scale_layer.blobs[0].detach().double()
                 scale, shift = scale * gamma, shift * gamma
                 if scale_layer.param.scale_param.bias_term:
@@ -394,13 +394,6 @@ def _linear(layer, weight, bias, relu: bool, dtype, pack: bool) -> Callable:
         y = multiply(x.to(dtype).reshape(-1, k))
         return y.reshape(tuple(lead) + (y.shape[1],))
     return run
-
-
-def _per_channel_scale(layer, channels: int) -> bool:
-    p = layer.param.scale_param
-    if len(layer.param.bottom) != 1 or p.axis not in (1, -3):
-        return False
-    return all(tuple(b.shape) == (channels,) for b in layer.blobs)
 
 
 def _affine_op(scale: torch.Tensor, shift: torch.Tensor) -> Callable:

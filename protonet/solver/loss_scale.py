@@ -70,10 +70,3 @@ class LossScaler:
             self.scale *= self.backoff_factor
             self.finite_steps = 0
         return finite
-
-    def state_dict(self) -> dict:
-        return {"scale": self.scale, "finite_steps": self.finite_steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.scale = float(state["scale"])
-        self.finite_steps = int(state["finite_steps"])

@@ -552,7 +552,7 @@ class Solver:
         """Caffe's SGDSolver::ApplyUpdate, then count the iteration."""
         rate, self.current_step = self._policy(self.iter, self.current_step)
         display = bool(self.param.display) and self.iter % self.param.display == 0
-        grads = self._grads() if self._params else []
+        grads = self._grads()
         with torch.no_grad():
             finite = self._unscale(grads)   # fp16: before the display's histograms see them
         if display:
