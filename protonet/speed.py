@@ -105,6 +105,8 @@ def autocast(precision: str, device: torch.device):
     dtype = precision_dtype(precision)
     if dtype == torch.float32:
         return contextlib.nullcontext()
+    if torch.device(device).type == "cpu":
+        warn_if_emulated(dtype)
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
@@ -128,6 +130,8 @@ class InferenceNet:
         self.dtype = precision_dtype(precision)
         self.precision = precision
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        if device.type == "cpu" and self.dtype != torch.float32:
+            warn_if_emulated(self.dtype)
         self.channels_last = device.type == "cpu" if channels_last is None else channels_last
         self.output_ids = list(module.output_ids)
         self.output_names = [module.blob_names[i] for i in self.output_ids]
@@ -198,7 +202,8 @@ class _Planner:
         self.dtype = dtype
         self.low = dtype != torch.float32
         self.fold = fold
-        self.pack = pack and device.type == "cpu" and _mkldnn_ops_available()
+        self.pack = pack and device.type == "cpu" and _mkldnn_ops_available() and \
+            mkldnn_supports(dtype)
         self.channels_last = channels_last
 
     def plan(self) -> list[_Op]:
@@ -339,6 +344,34 @@ def _mkldnn_ops_available() -> bool:
         hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight") and all(
             hasattr(ops, name) for name in ("_convolution_pointwise", "_linear_pointwise",
                                             "_reorder_linear_weight"))
+
+
+def mkldnn_supports(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's packed kernels take `dtype` on this CPU. Its fp16 kernels need
+    AVX-512 FP16 or AVX-NE-CONVERT (bf16-only AVX-512 CPUs refuse them at the first
+    call); without, the plan keeps plain weights, which torch's own kernels run."""
+    check = {torch.float16: "_is_mkldnn_fp16_supported",
+             torch.bfloat16: "_is_mkldnn_bf16_supported"}.get(dtype)
+    if check is None:
+        return True
+    try:
+        return bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_warned: set = set()
+
+
+def warn_if_emulated(dtype: torch.dtype) -> None:
+    """Say once per process when this CPU has no native kernels for `dtype`: the
+    results stay right, but it runs slower than float32."""
+    if dtype in _warned or mkldnn_supports(dtype):
+        return
+    _warned.add(dtype)
+    need = "AVX-512 FP16 or AVX-NE-CONVERT" if dtype == torch.float16 else "AVX-512 BF16"
+    log.warning("this CPU has no %s: %s runs on torch's generic kernels, correct but "
+                "slower than fp32", need, {torch.float16: "fp16"}.get(dtype, "bf16"))
 
 
 def _conv2d(layer, weight, bias, relu: bool, dtype, pack: bool, shape,

@@ -395,3 +395,20 @@ def test_time_net_runs_with_options(options):
 
 def test_keep_freed_memory_answers():
     assert keep_freed_memory() in (True, False)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_time_command_low_precision_runs_on_this_cpu(tmp_path, capsys, precision):
+    """fp16 needs AVX-512 FP16/AVX-NE-CONVERT in oneDNN's packed kernels; where the CPU
+    lacks them the plan keeps plain weights, and `protonet time` still completes."""
+    from protonet.cli import main
+    path = tmp_path / "net.prototxt"
+    path.write_text(ALEX_LIKE_NET)
+    assert main(["time", "--model", str(path), "--iterations", "1", "--phase", "TEST",
+                 "--precision", precision]) == 0
+
+
+def test_mkldnn_supports_matches_the_cpu():
+    from protonet.speed import mkldnn_supports
+    assert mkldnn_supports(torch.float32)
+    assert mkldnn_supports(torch.float16) == torch.ops.mkldnn._is_mkldnn_fp16_supported()
