@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import os
 
-from .. import classify, zoo
-from ..device import select_device
+from .. import zoo
 from ..errors import ProtonetError
 
 
@@ -35,7 +34,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    model = _model(args)
+    _check_files(args)
+    from .. import classify
+    from ..device import select_device
+    model = _model(args, classify)
     results = classify.classify(model, args.images, args.top_k,
                                 device=select_device(args.gpu), oversample=args.oversample)
     for path, top in zip(args.images, results):
@@ -45,7 +47,22 @@ def run(args) -> int:
     return 0
 
 
-def _model(args) -> classify.Model:
+def _check_files(args) -> None:
+    """The files named on the command line exist, before torch and the net load."""
+    files = [("--labels", args.labels)]
+    if os.path.exists(args.model) or args.model.endswith(".prototxt"):
+        files.append(("--model", args.model))
+    files += [("--weights", w.strip()) for w in (args.weights or "").split(",")
+              if w.strip() and not w.strip().startswith("zoo:")]
+    for what, path in files:
+        if path and not os.path.exists(path):
+            raise ProtonetError(f"{what} {path}: no such file")
+    for image in args.images:
+        if not os.path.isfile(image):
+            raise ProtonetError(f"{image}: no such image file")
+
+
+def _model(args, classify) -> "classify.Model":
     if os.path.exists(args.model) or args.model.endswith(".prototxt"):
         if not args.weights:
             raise ProtonetError(f"--model {args.model} is a file: give its --weights too")

@@ -8,6 +8,9 @@ only change speed, repeatability of --shuffle, and output.
 from __future__ import annotations
 
 import argparse
+import os
+
+from ..errors import DataError
 
 
 _TRUE = ("true", "t", "1", "yes", "y")
@@ -86,6 +89,8 @@ def register(subparsers) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    if not os.path.isfile(args.list_file):     # before the data machinery (torch) loads
+        raise DataError(f"{args.list_file}: image list not found")
     from ..data.imageset import convert_imageset
     result = convert_imageset(
         args.root, args.list_file, args.db, resize_height=args.resize_height,
@@ -98,6 +103,9 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _mean(args: argparse.Namespace) -> int:
+    if not os.path.exists(args.db):            # before the data machinery (torch) loads
+        raise DataError(f"{args.db}: no such {'LMDB' if args.backend == 'lmdb' else 'LevelDB'}"
+                        " database (directory not found)")
     from ..data.imageset import compute_image_mean
     mean = compute_image_mean(args.db, args.output, backend=args.backend,
                               workers=args.threads, progress=args.progress)

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 log = logging.getLogger("protonet")
 
 
@@ -15,6 +13,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    import torch
     log.info("torch %s, CPU threads: %d", torch.__version__, torch.get_num_threads())
     if not torch.cuda.is_available():
         log.info("CUDA: not available; protonet runs on the CPU")

@@ -4,8 +4,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import ProtonetError
-from ..export import export_onnx, export_torchscript, to_torch
-from ..pycaffe import TEST, Net
+from ..io.upgrade import read_net
 
 log = logging.getLogger("protonet")
 
@@ -31,6 +30,9 @@ def run(args) -> int:
     if not args.onnx and not args.torchscript:
         raise ProtonetError("nothing to write: give --onnx OUT.onnx and/or "
                             "--torchscript OUT.pt")
+    read_net(args.model)            # a missing or broken file fails before torch loads
+    from ..export import export_onnx, export_torchscript, to_torch
+    from ..pycaffe import TEST, Net
     if not args.weights:
         log.warning("no --weights given: exporting the fillers' initial values")
     model = to_torch(Net(args.model, TEST, weights=args.weights))

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from .. import finetune, zoo
-from ..device import select_device
+from .. import zoo
 
 log = logging.getLogger("protonet")
 
@@ -40,7 +39,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    entry = zoo.load_entry(args.name)
+    entry = zoo.load_entry(args.name)         # an unknown name fails before torch loads
+    from .. import finetune
+    from ..device import select_device
     weights = zoo.resolve_weights(args.weights, args.cache_dir) if args.weights else \
         str(zoo.ensure_weights(entry, args.cache_dir))
     options = finetune.Options(args.train, args.val, args.num_classes, args.freeze_through,

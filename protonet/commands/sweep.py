@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import shlex
 
-from .. import sweep
-
 
 def register(sub) -> None:
     p = sub.add_parser("sweep", help="hyperparameter sweep over solver fields",
@@ -44,6 +42,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from .. import sweep
     gpus = [g for g in (args.gpu or "").split(",") if g.strip()]
     options = sweep.Options(
         solver=args.solver, grid=args.grid, random=args.random,

@@ -14,17 +14,10 @@ import logging
 import os
 import re
 
-import numpy as np
-import torch
-
-from ..device import select_device
 from ..errors import ProtonetError
 from ..io.upgrade import read_net
-from ..net.module import NetModule
 from ..proto import caffe_pb2
-from ..solver.solver import flat_outputs, load_weights, output_labels, score_line
-from ..solver.updates import f32
-from ..speed import PRECISIONS, autocast, keep_freed_memory
+from . import PRECISION_NAMES
 
 log = logging.getLogger("protonet")
 
@@ -45,7 +38,7 @@ def register(sub) -> None:
                    help="score each weights file as an ensemble member: each member's "
                         "outputs, their mean, and the accuracy/loss of the averaged "
                         "predictions")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+    p.add_argument("--precision", choices=list(PRECISION_NAMES), default="fp32",
                    help="fp32: Caffe's numerics (default); bf16/fp16: forward under "
                         "autocast. bf16 is fast on CPUs with AVX-512 BF16/AMX and on GPUs; "
                         "fp16 is for GPUs")
@@ -57,13 +50,22 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    net = read_net(args.model)      # a missing or broken file fails before torch loads
+    import numpy as np
+    import torch
+
+    from ..device import select_device
+    from ..net.module import NetModule
+    from ..solver.solver import flat_outputs, load_weights, output_labels, score_line
+    from ..solver.updates import f32
+    from ..speed import autocast, keep_freed_memory
     device = select_device(args.gpu)
     if device.type == "cuda":
         log.info("Use GPU with device ID %d", device.index)
     else:
         log.info("Use CPU.")
     stages = [s for arg in args.stage for s in arg.split(",") if s]
-    module = NetModule(read_net(args.model), phase=caffe_pb2.TEST, level=args.level,
+    module = NetModule(net, phase=caffe_pb2.TEST, level=args.level,
                        stages=stages).to(device)
     if device.type == "cpu":      # as the solver's test nets: NHWC convolution and pooling
         module.use_channels_last()
@@ -100,6 +102,7 @@ def run(args) -> int:
 
 def _run_ensemble(args, module: NetModule, device: torch.device) -> int:
     from .. import ensemble
+    from ..speed import autocast
     files = ensemble.expand_weights(args.weights)
     scorer = ensemble.Ensemble(module, files, args.ensemble_mean)
     log.info("Running %d member(s) for %d iterations, averaging %s.", len(files),

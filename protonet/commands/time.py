@@ -12,12 +12,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..device import select_device
 from ..io.upgrade import read_net
-from ..net.module import NetModule
 from ..proto import caffe_pb2
-from ..speed import PRECISIONS, keep_freed_memory
-from ..timing import TimingOptions, time_net
+from . import PRECISION_NAMES
 
 log = logging.getLogger("protonet")
 
@@ -32,7 +29,7 @@ def register(sub) -> None:
     p.add_argument("--level", type=int, default=0)
     p.add_argument("--stage", action="append", default=[],
                    help="net stage (repeat or comma-separate)")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+    p.add_argument("--precision", choices=list(PRECISION_NAMES), default="fp32",
                    help="fp32 (Caffe's numerics), or bf16/fp16 convolutions and products")
     p.add_argument("--channels-last", "--channels_last", dest="channels_last",
                    action=argparse.BooleanOptionalAction, default=None,
@@ -43,11 +40,15 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    net = read_net(args.model)      # a missing or broken file fails before torch loads
+    from ..device import select_device
+    from ..net.module import NetModule
+    from ..speed import keep_freed_memory
+    from ..timing import TimingOptions, time_net
     device = select_device(args.gpu)
     if device.type == "cpu":
         keep_freed_memory()
     stages = [s for arg in args.stage for s in arg.split(",") if s]
-    net = read_net(args.model)
     net.force_backward = True   # caffe time runs every layer's Backward
     module = NetModule(net, phase=getattr(caffe_pb2, args.phase), level=args.level,
                        stages=stages).to(device)

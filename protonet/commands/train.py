@@ -18,15 +18,10 @@ import os
 import signal
 import sys
 
-import torch
-
-from ..device import configure_cuda, parse_gpus, select_device
 from ..errors import ProtonetError
 from ..io.upgrade import read_solver
 from ..proto import caffe_pb2
-from ..solver import distributed, get_solver
-from ..speed import PRECISIONS, keep_freed_memory
-from . import train_extensions
+from . import PRECISION_NAMES, train_extensions
 
 log = logging.getLogger("protonet")
 EFFECTS = ("stop", "snapshot", "none")
@@ -55,7 +50,7 @@ def register(sub) -> None:
                    "iteration and the first non-finite layer (default), or continue")
     p.add_argument("--log-json", dest="log_json",
                    help="JSON-lines log path (default: <snapshot_prefix>.log.jsonl)")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+    p.add_argument("--precision", choices=list(PRECISION_NAMES), default="fp32",
                    help="fp32: Caffe's numerics (default); bf16/fp16: mixed precision, "
                         "forward passes under autocast, params and updates in float32. "
                         "bf16 is fast on CPUs with AVX-512 BF16/AMX and on GPUs; fp16 is "
@@ -109,6 +104,9 @@ def train_device(args, param: caffe_pb2.SolverParameter,
                  local_rank: int | None = None) -> torch.device:
     """The device of this process: the first GPU named (or the CPU); for the worker
     with `local_rank` on its machine, that worker's GPU of the list."""
+    import torch
+
+    from ..device import configure_cuda, parse_gpus, select_device
     flag = gpu_flag(args, param)
     ids = parse_gpus(flag) if torch.cuda.is_available() else []
     if local_rank is None or not ids:
@@ -131,6 +129,7 @@ def train_device(args, param: caffe_pb2.SolverParameter,
 
 
 def _log_device(device: torch.device) -> None:
+    import torch
     if device.type == "cuda":
         log.info("Using GPU %d: %s", device.index, torch.cuda.get_device_name(device))
     else:
@@ -141,6 +140,9 @@ def local_workers(args) -> int:
     """How many worker processes to start here: one per GPU named, or --workers."""
     if args.workers is not None and args.workers < 1:
         raise ProtonetError(f"--workers must be at least 1, got {args.workers}")
+    import torch
+
+    from ..device import parse_gpus
     param = read_solver(args.solver)
     ids = parse_gpus(gpu_flag(args, param)) if torch.cuda.is_available() else []
     if args.workers is not None and ids:
@@ -160,6 +162,8 @@ def run(args) -> int:
     if args.snapshot and args.weights:
         raise ProtonetError("give a snapshot to resume training or weights to fine-tune, "
                             "not both")
+    read_solver(args.solver)        # a missing or broken file fails before torch loads
+    from ..solver import distributed
     if distributed.launched():            # torchrun: this process is one worker
         if args.workers is not None:
             raise ProtonetError("--workers starts worker processes itself; under "
@@ -188,6 +192,8 @@ def _spawned_worker(args) -> int:
 
 def train(args) -> int:
     """Train in this process: alone, or as the worker the environment names."""
+    from ..solver import distributed
+    from ..speed import keep_freed_memory
     _, world, local_rank = distributed.env_ranks()
     param = read_solver(args.solver)
     param.train_state.level = args.level
@@ -209,6 +215,7 @@ def train(args) -> int:
 
 
 def _solve(args, param: caffe_pb2.SolverParameter, device: torch.device) -> int:
+    from ..solver import get_solver
     if args.snapshot or args.weights:
         del param.weights[:]
     if args.weights:
