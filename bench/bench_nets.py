@@ -14,7 +14,7 @@ the speedup (Caffe ms / ours).
   holds. With no loss, Caffe back-propagates to no blob: its Backward pass computes
   each layer's weight and bias gradients from the layer's top diff, nothing else.
   Ours: a TRAIN-phase forward, then each param layer's param gradients from its own
-  top (timing.TimingOptions.params_only).
+  top (timing.training_step on the net as written).
 - train step: a TRAIN-phase forward with autograd and a full backward from the
   outputs (gradient ones) to every param and intermediate blob, not to the input
   data: what a training iteration pays, more work than Caffe's column.
@@ -132,9 +132,9 @@ def resnet50_prototxt(batch: int) -> str:
 
 
 # -- protonet ------------------------------------------------------------------------
-def build(row: Row, phase: int) -> NetModule:
+def build(row: Row, phase: int, force_backward: bool = True) -> NetModule:
     param = read_net(str(row.prototxt()))
-    param.force_backward = True
+    param.force_backward = force_backward
     module = NetModule(param, phase=phase)
     module.infer_shapes({module.blob_names[i]: (row.batch,) + module.blob_shapes[i][1:]
                          for i in module.input_ids})
@@ -170,26 +170,25 @@ def time_protonet(row: Row, iterations: int, compile: bool, skip_default: bool) 
     for precision in ("fp32", "bf16"):
         plan = test.optimize_for_inference(precision, channels_last=True, compile=compile)
         forward = median_ms(lambda: plan(inputs), iterations, device, warmup=2)
-        train = build(row, caffe_pb2.TRAIN).use_channels_last()
         results[f"protonet {precision}"] = (forward,) + _backward_figures(
-            train, cl_inputs, iterations, TimingOptions(precision, channels_last=True,
-                                                        input_grad=False))
+            row, cl_inputs, iterations, TimingOptions(precision, channels_last=True))
     if not skip_default:
         def default_forward():
             with torch.inference_mode():
                 test(inputs)
         results["protonet default"] = (median_ms(default_forward, iterations, device, warmup=2),) \
-            + _backward_figures(build(row, caffe_pb2.TRAIN), inputs, iterations,
-                                TimingOptions(input_grad=False))
+            + _backward_figures(row, inputs, iterations, TimingOptions())
     return results
 
 
-def _backward_figures(train: NetModule, inputs, iterations: int, options: TimingOptions):
+def _backward_figures(row: Row, inputs, iterations: int, options: TimingOptions):
+    """(caffe time's work on the deploy net, a backward to every blob) in ms."""
     device = torch.device("cpu")
-    options.params_only = True
-    caffe_work = time_training(train, inputs, iterations, device, options)
-    options.params_only = False
-    return caffe_work, time_training(train, inputs, iterations, device, options)
+    figures = []
+    for forced in (False, True):
+        train = build(row, caffe_pb2.TRAIN, forced).use_channels_last(options.channels_last)
+        figures.append(time_training(train, inputs, iterations, device, options))
+    return tuple(figures)
 
 
 # -- plain PyTorch ---------------------------------------------------------------------

@@ -7,6 +7,14 @@ what deployment and training actually pay: the median forward of the inference p
 (`NetModule.optimize_for_inference`: inference mode, BatchNorm folded, weights packed
 once) and the median forward + backward through the whole graph.
 
+Both backward passes compute exactly the gradients Caffe's would (`backward_targets`):
+a bottom's only where Net::Init marks it as needing backward (bottom_need_backward:
+under a loss and downstream of a learnable param, or force_backward), and the
+gradients of every param with lr_mult != 0 (all of them under force_backward) — even
+in a layer that feeds no loss, since `caffe time` calls every layer's Backward and a
+layer computes its param gradients whenever their propagate-down flag is set. So on a
+deploy net (no loss) the backward is param gradients only, as Caffe's.
+
 `TimingOptions` picks the fast paths of protonet.speed: precision (bf16/fp16 via
 autocast for the layer-by-layer and training passes, pre-cast weights for inference),
 channels-last inputs, and torch.compile for the inference plan.
@@ -28,8 +36,6 @@ class TimingOptions:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
-    input_grad: bool = True     # whole-net backward also to the inputs (force_backward)
-    params_only: bool = False   # backward: each layer's param gradients only (see below)
 
 
 @dataclass
@@ -76,8 +82,33 @@ class _Ones:
         return [self.like(t) for t in tensors]
 
 
-def _grad_leaves(tensors):
-    return [t.detach().requires_grad_(t.is_floating_point()) for t in tensors]
+@dataclass
+class BackwardTargets:
+    """What Caffe's Backward of one layer computes: the gradients of these bottoms
+    (positions) and of these params."""
+    bottoms: tuple[int, ...]
+    params: tuple[torch.nn.Parameter, ...]
+
+
+def backward_targets(module: NetModule) -> list[BackwardTargets]:
+    """Per non-input step of `module`, the gradients Caffe's Backward computes there:
+    bottoms Net::Init marks as needing backward (the module's step.detach is their
+    complement), params with lr_mult != 0 (requires_grad; every param under
+    force_backward). Integer bottoms (labels, indices) never get gradients."""
+    targets = []
+    for step in module.steps:
+        if step.is_input:
+            continue
+        layer = module.layers[step.layer]
+        bottoms = tuple(j for j, d in enumerate(step.detach) if not d)
+        targets.append(BackwardTargets(bottoms, tuple(p for p in layer.blobs
+                                                      if p.requires_grad)))
+    return targets
+
+
+def _leaves(tensors, need: tuple[int, ...]):
+    return [t.detach().requires_grad_(j in need and t.is_floating_point())
+            for j, t in enumerate(tensors)]
 
 
 def time_net(module: NetModule, iterations: int, device, inputs=None,
@@ -88,6 +119,7 @@ def time_net(module: NetModule, iterations: int, device, inputs=None,
         inputs = {name: to_channels_last(t) for name, t in inputs.items()}
         module.use_channels_last()
     steps = [s for s in module.steps if not s.is_input]
+    targets = backward_targets(module)
     fwd = [0.0] * len(steps)
     bwd = [0.0] * len(steps)
     result = Timings([module.layer_names[s.layer] for s in steps],
@@ -100,7 +132,7 @@ def time_net(module: NetModule, iterations: int, device, inputs=None,
         saved = []
         start_iter = time.perf_counter()
         for k, step in enumerate(steps):
-            bottoms = _grad_leaves([values[b] for b in step.bottoms])
+            bottoms = _leaves([values[b] for b in step.bottoms], targets[k].bottoms)
             synchronize(device)
             t0 = time.perf_counter()
             with autocast(options.precision, device):
@@ -114,9 +146,7 @@ def time_net(module: NetModule, iterations: int, device, inputs=None,
             saved.append((bottoms, out))
         for k in range(len(steps) - 1, -1, -1):
             bottoms, out = saved[k]
-            layer = module.layers[steps[k].layer]
-            wrt = [b for b in bottoms if b.requires_grad] + \
-                [p for p in layer.blobs if p.requires_grad]
+            wrt = [b for b in bottoms if b.requires_grad] + list(targets[k].params)
             outs = [o for o in out if o.requires_grad]
             synchronize(device)
             t0 = time.perf_counter()
@@ -150,55 +180,90 @@ def time_inference(module: NetModule, inputs, iterations: int, device,
 
 def time_training(module: NetModule, inputs, iterations: int, device,
                   options: TimingOptions) -> float:
-    """Median ms of a forward (autograd, autocast for bf16/fp16) and a backward from
-    every output with gradient ones, params' grads released after each.
+    """Median ms of one `training_step`: the whole net's forward and Caffe's backward."""
+    step = training_step(module, inputs, options.precision, device)
+    return median_ms(step, iterations, device)
 
-    With `params_only`, the backward is what `caffe time` does on a net without a loss
-    (a deploy net): Caffe then back-propagates to no blob at all, but every layer with
-    learnable params still computes their gradients from its top diff. Each layer's
-    bottoms are detached and its param gradients taken from its own top (ones)."""
+
+def training_step(module: NetModule, inputs, precision: str = "fp32", device="cpu"):
+    """A function doing one forward + backward of the whole net that computes exactly
+    the gradients Caffe's Net::Backward does (`backward_targets`); param grads are
+    released after each call.
+
+    Where every layer with trainable params feeds a loss, that is NetModule.forward
+    (the solver's own pass: fused BatchNorm + Scale pairs, channels-last) and a backward
+    from the loss. Where some do not (a deploy net has no loss at all), those layers'
+    param gradients come from their own tops (gradient ones, as the timing's diffs),
+    their bottoms detached, as Caffe's Backward computes them from the top diff and
+    back-propagates nothing further."""
     ones = _Ones()
-    if options.params_only:
-        return median_ms(lambda: _forward_param_gradients(module, inputs, options, device,
-                                                          ones), iterations, device)
+    need_input = {b for step in module.steps if not step.is_input
+                  for b, d in zip(step.bottoms, step.detach) if not d}
+    local = {i for i, step in enumerate(module.steps) if step.no_grad and not step.is_input
+             and any(p.requires_grad for p in module.layers[step.layer].blobs)}
+    loss_blobs = {step.tops[pos] for step in module.steps for pos, _ in step.losses}
+    # Outputs no loss reads whose layer still needs backward (force_backward on a net
+    # without a loss, or a branch beside it): Caffe back-propagates their diffs too.
+    loose = [i for i in module.output_ids if i not in loss_blobs]
 
-    def forward_backward():
-        leaves = {k: v.detach().requires_grad_(options.input_grad and v.is_floating_point())
-                  for k, v in inputs.items()}
-        with autocast(options.precision, device):
-            values, loss = module(leaves)
-        outs = [values[i] for i in module.output_ids if values[i] is not None and
-                values[i].requires_grad]
+    def leaves():
+        return {k: v.detach().requires_grad_(module.blob_index[k] in need_input and
+                                             v.is_floating_point())
+                for k, v in inputs.items()}
+
+    def step():
+        if local:
+            values, loss, roots = _forward_local_params(module, leaves(), local, precision,
+                                                        device)
+        else:
+            with autocast(precision, device):
+                values, loss = module(leaves())
+            roots = []
+        roots += [values[i] for i in loose if values[i] is not None and
+                  values[i].requires_grad and not any(values[i] is r for r in roots)]
+        grads = ones.for_all(roots)
         if loss is not None and loss.requires_grad:
-            outs.append(loss)
-        if outs:
-            torch.autograd.backward(outs, ones.for_all(outs))
+            roots, grads = [loss] + roots, [torch.ones_like(loss)] + grads
+        if roots:
+            torch.autograd.backward(roots, grads)
         module.zero_grad(set_to_none=True)
 
-    return median_ms(forward_backward, iterations, device)
+    return step
 
 
-def _forward_param_gradients(module: NetModule, inputs, options: TimingOptions,
-                             device, ones: _Ones) -> None:
+def _forward_local_params(module: NetModule, inputs, local: set[int], precision: str,
+                          device):
+    """NetModule.forward's wiring, except that the steps in `local` (no backward to
+    their bottoms, but params with gradients) run with autograd on detached bottoms.
+    Returns the blob values, the loss and those steps' tops (roots of the backward,
+    with gradient ones)."""
     values = [None] * len(module.blob_names)
     for name, tensor in inputs.items():
         values[module.blob_index[name]] = tensor
-    pending = []
-    with autocast(options.precision, device):
-        for step in module.steps:
+    loss, roots = None, []
+    with autocast(precision, device):
+        for index, step in enumerate(module.steps):
             if step.is_input:
                 continue
+            bottoms = [values[b].detach() if d else values[b]
+                       for b, d in zip(step.bottoms, step.detach)]
+            if step.spatial and module.channels_last:
+                bottoms = [to_channels_last(b) for b in bottoms]
             layer = module.layers[step.layer]
-            out = layer(*[values[b].detach() for b in step.bottoms])
+            if step.no_grad and index not in local:
+                with torch.no_grad():
+                    out = layer(*bottoms)
+            else:
+                out = layer(*bottoms)
             out = (out,) if isinstance(out, torch.Tensor) else tuple(out)
             for t, v in zip(step.tops, out):
                 values[t] = v
-            params = [p for p in layer.blobs if p.requires_grad]
-            if params:
-                pending.append(([o for o in out if o.requires_grad], params))
-    for outs, params in reversed(pending):
-        if outs:    # (BatchNorm's statistics are params its output does not use)
-            torch.autograd.grad(outs, params, ones.for_all(outs), allow_unused=True)
+            if index in local:
+                roots += [o for o in out if o.requires_grad]
+            for pos, weight in step.losses:
+                term = out[pos].sum() * weight
+                loss = term if loss is None else loss + term
+    return values, loss, roots
 
 
 def median_ms(fn, iterations: int, device, warmup: int = 1) -> float:

@@ -383,11 +383,11 @@ def test_compile_path_traces_the_plan(monkeypatch):
 
 
 # -- timing with the fast paths ------------------------------------------------------------
-@pytest.mark.parametrize("options", [TimingOptions(), TimingOptions("bf16", True),
-                                     TimingOptions(input_grad=False, params_only=True)],
-                         ids=["fp32", "bf16_channels_last", "params_only"])
-def test_time_net_runs_with_options(options):
-    net = module("force_backward: true\n" + CONV_BN_NET, phase=caffe_pb2.TRAIN)
+@pytest.mark.parametrize("options", [TimingOptions(), TimingOptions("bf16", True)],
+                         ids=["fp32", "bf16_channels_last"])
+@pytest.mark.parametrize("forced", ["force_backward: true\n", ""], ids=["forced", "deploy"])
+def test_time_net_runs_with_options(options, forced):
+    net = module(forced + CONV_BN_NET, phase=caffe_pb2.TRAIN)
     timings = time_net(net, 2, torch.device("cpu"), options=options)
     assert len(timings.forward_ms) == len(net.steps) - 1
     assert timings.net_forward_ms > 0 and timings.net_forward_backward_ms > 0

@@ -49,7 +49,6 @@ def run(args) -> int:
     if device.type == "cpu":
         keep_freed_memory()
     stages = [s for arg in args.stage for s in arg.split(",") if s]
-    net.force_backward = True   # caffe time runs every layer's Backward
     module = NetModule(net, phase=getattr(caffe_pb2, args.phase), level=args.level,
                        stages=stages).to(device)
     channels_last = device.type == "cpu" if args.channels_last is None else args.channels_last
