@@ -32,3 +32,26 @@ def test_train_net_gets_a_loss_and_a_data_layer():
     assert net.layer[-1].type == "SoftmaxWithLoss" and list(net.layer[-1].bottom)[-1] == "label"
     memory = bench_train_data.train_net("lenet", 4, None)
     assert [list(s.dim) for s in memory.layer[0].input_param.shape] == [[4, 1, 28, 28], [4]]
+
+
+def test_bench_train_nets_are_what_the_generator_writes(tmp_path, monkeypatch):
+    """bench/nets/*_train.prototxt are their deploy nets with the training head."""
+    import make_train_nets
+    from protonet.io.text import read_text, to_text
+    from protonet.proto import caffe_pb2
+    for name, deploy in make_train_nets.DEPLOY.items():
+        written = read_text(str(BENCH / "nets" / f"{name}_train.prototxt"),
+                            caffe_pb2.NetParameter())
+        made = make_train_nets.train_net(read_text(str(deploy), caffe_pb2.NetParameter()))
+        assert to_text(written) == to_text(made), name
+        assert written.layer[0].type == "DummyData" and written.layer[-1].type == \
+            "SoftmaxWithLoss"
+
+
+def test_caffe_bench_runs_protonet_time_on_the_files(capsys):
+    import bench_caffe
+    assert bench_caffe.main(["--nets", "lenet", "--iterations", "1", "--rounds", "1",
+                             "--caffe", ""]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines()
+           if line.startswith("LeNet")][0].split()
+    assert row[2] == "-" and float(row[3]) > 0 and float(row[6]) > 0
