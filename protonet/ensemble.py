@@ -52,7 +52,7 @@ import torch
 from .errors import ProtonetError
 from .io.weights import copy_weights
 from .net.module import NetModule
-from .solver.solver import flat_outputs, group_scores, output_labels, score_line
+from .solver.scoring import flat_outputs, group_scores, output_labels, score_line
 from .solver.updates import f32
 
 log = logging.getLogger("protonet")

@@ -29,7 +29,7 @@ from protonet.errors import ProtonetError, SolverError
 from protonet.io import atomic
 from protonet.io.weights import read_weights
 from protonet.solver import get_solver
-from protonet.solver import solver as solver_module
+from protonet.solver import reporting as solver_reporting
 from protonet.solver.snapshot import read_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -345,7 +345,7 @@ def test_full_disk_for_the_json_log_is_a_solver_error(tmp_path, monkeypatch):
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(solver_module, "open", no_space, raising=False)
+    monkeypatch.setattr(solver_reporting, "open", no_space, raising=False)
     with pytest.raises(SolverError, match="log.jsonl: could not write the JSON log "
                                           r"\(No space left on device\)"):
         solver.step(2)

@@ -56,7 +56,8 @@ def run(args) -> int:
 
     from ..device import select_device
     from ..net.module import NetModule
-    from ..solver.solver import flat_outputs, load_weights, output_labels, score_line
+    from ..solver.nets import load_weights
+    from ..solver.scoring import flat_outputs, output_labels, score_line
     from ..solver.updates import f32
     from ..speed import autocast, keep_freed_memory
     device = select_device(args.gpu)

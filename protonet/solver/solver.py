@@ -9,54 +9,47 @@ the train net's params, so an update is visible to them without copying.
 The per-iteration path is kept flat: the param, gradient, rate and decay lists are
 built once, updates are fused foreach ops, and host/device syncs happen only at
 display, test and snapshot time.
+
+The other parts live beside it: building the nets from the SolverParameter
+(solver/nets.py), test passes and output scores (solver/scoring.py), display lines,
+JSON log and progress bar (solver/reporting.py), debug_info and the NaN report
+(solver/debug_info.py), solverstate files (solver/snapshot.py).
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 import time
-from typing import Callable, ClassVar, Sequence
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
 
-from .. import data as _data  # noqa: F401  (registers HDF5Data/HDF5Output)
-from ..device import select_device
 from ..errors import ProtonetError, SolverError, closest
 from ..io.text import to_text
-from ..io.upgrade import read_net, read_solver, upgrade_solver
 from ..io.weights import copy_weights, save_caffemodel
 from ..net.module import NetModule
 from ..proto import caffe_pb2
 from ..pycaffe import Net
 from ..speed import PRECISIONS, autocast, precision_dtype
-from . import distributed
+from . import distributed, nets
+from .debug_info import backward_debug, forward_debug, nonfinite_error, update_debug
 from .loss_scale import LossScaler
 from .lr_policy import make_policy
+from .nets import _located, _read_solver_param, _source_name
+from .reporting import JsonLog, Reporting, progress_bar
+from .scoring import NONE, SNAPSHOT, STOP, Testing
 from .snapshot import (SolverStateData, check_history, load_history, read_state,
                        resolve_learned_net, snapshot_filename, write_state)
 from .updates import RULES, UpdateRule, f32
+# Named here before the split into nets/scoring/reporting/debug_info; kept importable.
+from .nets import load_weights, solver_device  # noqa: F401,E402
+from .scoring import flat_outputs, group_scores, output_labels, score_line  # noqa: F401,E402
 
 log = logging.getLogger("protonet")
 
 SP = caffe_pb2.SolverParameter
-NONE, SNAPSHOT, STOP = "none", "snapshot", "stop"      # Caffe's SolverAction
 CONTINUE = "continue"                                   # what a non-finite loss may do
-TRAIN_NET_FIELDS = ("net", "net_param", "train_net", "train_net_param")
-
-
-# -- devices ---------------------------------------------------------------------
-def solver_device(param: caffe_pb2.SolverParameter) -> torch.device:
-    """The device a solver file asks for: solver_mode GPU (when set) and device_id;
-    the CPU, with a warning, when CUDA is unavailable."""
-    if not (param.HasField("solver_mode") and param.solver_mode == SP.GPU):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        log.warning("solver_mode is GPU but CUDA is not available; using the CPU")
-        return torch.device("cpu")
-    return select_device(str(param.device_id))
 
 
 def _check_precision(precision: str) -> str:
@@ -70,134 +63,7 @@ def _check_precision(precision: str) -> str:
     return precision
 
 
-# -- net outputs -----------------------------------------------------------------
-def output_labels(module: NetModule, values: list) -> list[tuple[str, float]]:
-    """(blob name, loss weight) for each element of the net's output blobs, in
-    Caffe's order (output blobs by name, elements in memory order)."""
-    weights = {step.tops[pos]: w for step in module.steps for pos, w in step.losses}
-    return [(module.blob_names[b], weights.get(b, 0.0))
-            for b in module.output_ids for _ in range(values[b].numel())]
-
-
-def flat_outputs(module: NetModule, values: list) -> torch.Tensor:
-    """All output blob elements of one forward pass as one float32 vector."""
-    parts = [values[b].detach().reshape(-1).float() for b in module.output_ids]
-    return torch.cat(parts) if parts else torch.zeros(0)
-
-
-def score_line(value: float, name: str, weight: float) -> str:
-    """`name = value`, plus Caffe's ` (* w = w*value loss)` for loss outputs."""
-    text = f"{name} = {value:g}"
-    if weight:
-        text += f" (* {weight:g} = {f32(np.float32(weight) * np.float32(value)):g} loss)"
-    return text
-
-
-def group_scores(labels: list[tuple[str, float]], values: list[float]) -> dict:
-    """Scores by output name (a list when an output has several elements)."""
-    grouped: dict[str, list[float]] = {}
-    for (name, _), value in zip(labels, values):
-        grouped.setdefault(name, []).append(value)
-    return {k: v[0] if len(v) == 1 else v for k, v in grouped.items()}
-
-
-# -- building the nets -------------------------------------------------------------
-def _read_solver_param(source) -> caffe_pb2.SolverParameter:
-    if isinstance(source, caffe_pb2.SolverParameter):
-        return upgrade_solver(source)
-    return read_solver(os.fspath(source))
-
-
-def _source_name(param) -> str:
-    if isinstance(param, caffe_pb2.SolverParameter):
-        return "<solver>"
-    return os.fspath(param)
-
-
-@contextlib.contextmanager
-def _located(source: str):
-    """SolverErrors raised inside name the solver file (when they do not already)."""
-    try:
-        yield
-    except SolverError as e:
-        if str(e).startswith(source):
-            raise
-        raise SolverError(f"{source}: {e}") from None
-
-
-def _read_net_file(field: str, path: str) -> caffe_pb2.NetParameter:
-    if not path:
-        raise SolverError(f"'{field}' is empty; it should name a net prototxt")
-    return read_net(path)
-
-
-def _with_state(net: caffe_pb2.NetParameter, phase: int,
-                override: caffe_pb2.NetState | None) -> caffe_pb2.NetParameter:
-    """Caffe's NetState precedence: phase, then the net's own state, then the solver's."""
-    state = caffe_pb2.NetState(phase=phase)
-    state.MergeFrom(net.state)
-    if override is not None:
-        state.MergeFrom(override)
-    net.state.CopyFrom(state)
-    return net
-
-
-def _share_trained(target: NetModule, source: NetModule) -> None:
-    """Make same-named layers of `target` use `source`'s param tensors."""
-    by_name = {layer.layer_name: layer for layer in source.layers}
-    for layer in target.layers:
-        theirs = by_name.get(layer.layer_name)
-        if theirs is None:
-            continue
-        if len(theirs.blobs) != len(layer.blobs):
-            raise SolverError(f"layer '{layer.layer_name}' has {len(layer.blobs)} param "
-                              f"blobs in a test net, {len(theirs.blobs)} in the train net")
-        for j, blob in enumerate(theirs.blobs):
-            if blob.shape != layer.blobs[j].shape:
-                raise SolverError(f"cannot share param {j} of layer '{layer.layer_name}' "
-                                  f"with the test net: train shape {list(blob.shape)}, "
-                                  f"test shape {list(layer.blobs[j].shape)}")
-            layer.blobs[j] = blob
-
-
-def load_weights(module: NetModule, paths: str) -> None:
-    """Copy weights from a comma-separated list of .caffemodel/.h5 files or zoo:NAME."""
-    from ..zoo import resolve_weights
-    for path in resolve_weights(paths).split(","):
-        if path:
-            log.info("Finetuning from %s", path)
-            copy_weights(module.layers, path)
-
-
-class JsonLog:
-    """One JSON object per line, flushed per event. The first open truncates the
-    file unless `append` (a resumed run); later opens always append."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.file = None
-        self.started = False
-
-    def write(self, record: dict, append: bool) -> None:
-        try:
-            if self.file is None:
-                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-                mode = "a" if append or self.started else "w"
-                self.file = open(self.path, mode, encoding="utf-8")
-                self.started = True
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-        except OSError as e:        # a full disk: say so, rather than a traceback
-            raise SolverError(f"{self.path}: could not write the JSON log "
-                              f"({e.strerror or e})") from e
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-
-class Solver:
+class Solver(Testing, Reporting):
     """Caffe's Solver: `step(n)`, `solve(resume_file)`, `snapshot()`, `restore(path)`.
 
     `param` is a solver prototxt path or a SolverParameter. `device` overrides
@@ -238,10 +104,11 @@ class Solver:
         # Data-parallel workers (distributed.init): rank 0 alone tests, snapshots and logs.
         self.rank, self.world_size = distributed.rank_world()
         distributed.seed(self.param.random_seed)       # random_seed + rank, as Caffe
-        self.device = torch.device(device) if device is not None else solver_device(self.param)
+        self.device = torch.device(device) if device is not None else \
+            nets.solver_device(self.param)
         with _located(self.source):
-            self.train_module = self._init_train_net()
-            self.test_modules = self._init_test_nets()
+            self.train_module = nets.train_net(self.param, self.device)
+            self.test_modules = nets.test_nets(self.param, self.train_module, self.device)
         if self.device.type == "cpu":      # NHWC convolution and pooling: faster there
             for module in (self.train_module, *self.test_modules):
                 module.use_channels_last()
@@ -299,62 +166,6 @@ class Solver:
         if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
             raise SolverError(f"cannot write to snapshot prefix '{prefix}': make sure the "
                               f"folder '{folder}' exists and is writable")
-
-    def _init_train_net(self) -> NetModule:
-        p = self.param
-        given = [f for f in TRAIN_NET_FIELDS if p.HasField(f)]
-        if len(given) != 1:
-            raise SolverError(f"a solver needs exactly one of {', '.join(TRAIN_NET_FIELDS)} "
-                              f"to define the train net; found {len(given) or 'none'}"
-                              f"{': ' + ', '.join(given) if given else ''}")
-        field = given[0]
-        if field.endswith("_param"):
-            log.info("Creating training net specified in %s.", field)
-            net = caffe_pb2.NetParameter()
-            net.CopyFrom(getattr(p, field))
-        else:
-            log.info("Creating training net from %s file: %s", field, getattr(p, field))
-            net = _read_net_file(field, getattr(p, field))
-        module = NetModule(_with_state(net, caffe_pb2.TRAIN, p.train_state)).to(self.device)
-        for weights in p.weights:
-            load_weights(module, weights)
-        return module
-
-    def _test_net_params(self) -> list[tuple[str, caffe_pb2.NetParameter]]:
-        """(source description, NetParameter) per test net, in Caffe's order."""
-        p = self.param
-        if p.HasField("net") and p.HasField("net_param"):
-            raise SolverError("give either net or net_param, not both")
-        sources = [("test_net_param", _copy(n)) for n in p.test_net_param]
-        sources += [(f"test_net file: {f}", _read_net_file("test_net", f)) for f in p.test_net]
-        generic = p.HasField("net") or p.HasField("net_param")
-        if len(p.test_iter) < len(sources) or (not generic and len(p.test_iter) != len(sources)):
-            raise SolverError(f"test_iter must be given once per test net: "
-                              f"{len(p.test_iter)} test_iter for {len(sources)} test net(s)")
-        for _ in range(len(p.test_iter) - len(sources)):
-            if p.HasField("net_param"):
-                sources.append(("net_param", _copy(p.net_param)))
-            else:
-                sources.append((f"net file: {p.net}", _read_net_file("net", p.net)))
-        if p.test_state and len(p.test_state) != len(sources):
-            raise SolverError(f"test_state must be unspecified or given once per test net "
-                              f"({len(p.test_state)} for {len(sources)})")
-        if sources and p.test_interval <= 0:
-            raise SolverError(f"test_interval must be positive when there are test nets, "
-                              f"got {p.test_interval}")
-        return sources
-
-    def _init_test_nets(self) -> list[NetModule]:
-        modules = []
-        for i, (source, net) in enumerate(self._test_net_params()):
-            state = self.param.test_state[i] if self.param.test_state else None
-            log.info("Creating test net (#%d) specified by %s", i, source)
-            module = NetModule(_with_state(net, caffe_pb2.TEST, state)).to(self.device)
-            for weights in self.param.weights:
-                load_weights(module, weights)
-            _share_trained(module, self.train_module)
-            modules.append(module)
-        return modules
 
     def _init_update(self, rule_class: type[UpdateRule]) -> None:
         p = self.param
@@ -417,37 +228,14 @@ class Solver:
         if loss is None:
             return values, torch.zeros((), device=self.device)
         if self.nan_effect == STOP and not bool(torch.isfinite(loss.detach())):
-            raise self._nonfinite_error(float(loss.detach()), values)
+            raise nonfinite_error(self.train_module, values, float(loss.detach()),
+                                  self.source, self.iter)
         if loss.requires_grad:
             scaler = self.loss_scaler       # fp16: the diffs stay scaled until the update
             (loss if scaler is None else scaler.scale_loss(loss)).backward()
         if debug:
             backward_debug(self.train_module)
         return values, loss.detach().float()
-
-    def _nonfinite_error(self, loss: float, values: list) -> SolverError:
-        """What stops training on a NaN/Inf loss: the iteration and, as Caffe's
-        debug_info would show, the first layer whose output is not finite."""
-        module = self.train_module
-        culprit = "no layer output is NaN or Inf (the loss overflowed when summed)"
-        for step in module.steps:
-            bad = [t for t in step.tops if values[t] is not None and
-                   values[t].is_floating_point() and not bool(torch.isfinite(values[t]).all())]
-            if bad:
-                layer = module.layers[step.layer]
-                culprit = (f"the first non-finite output is top '{module.blob_names[bad[0]]}' "
-                           f"of layer '{layer.layer_name}' ({layer.type})")
-                params = [j for j, p in enumerate(layer.blobs)
-                          if not bool(torch.isfinite(p.detach()).all())]
-                if params:
-                    culprit += (f", whose param blob(s) {params} are already non-finite "
-                                "(an earlier update diverged)")
-                break
-        return SolverError(
-            f"{self.source}: iteration {self.iter}: the loss is {loss}; {culprit}. Training "
-            "stopped before this update (snapshots so far are intact); lower base_lr or "
-            "check the data, or ask to train on with --nan_effect continue "
-            "(Solver(..., nan_effect='continue')).")
 
     # -- the loop -----------------------------------------------------------------------
     def step(self, iters: int) -> None:
@@ -510,38 +298,6 @@ class Solver:
             total = loss if total is None else total + loss
         return values, total / self.param.iter_size
 
-    def _smooth(self, loss: torch.Tensor) -> None:
-        """Keep the last average_loss losses (Caffe's UpdateSmoothedLoss), lazily."""
-        window = self.param.average_loss
-        if len(self._losses) < window:
-            self._losses.append(loss)
-        else:
-            self._losses[(self.iter - self._start_iter) % window] = loss
-
-    @property
-    def smoothed_loss(self) -> float:
-        if not self._losses:
-            return 0.0
-        return float(torch.stack(self._losses).float().mean())
-
-    def _display(self, values: list) -> None:
-        now = time.perf_counter()
-        lapse = now - self._timer
-        per_s = (self.iter - self._iter_last) / (lapse or 1)
-        loss = self.smoothed_loss
-        log.info("Iteration %d (%g iter/s, %gs/%d iters), loss = %g", self.iter, per_s,
-                 lapse, self.param.display, loss)
-        self._timer, self._iter_last = now, self.iter
-        module = self.train_module
-        labels = output_labels(module, values)
-        scores = flat_outputs(module, values).tolist()
-        for i, ((name, weight), value) in enumerate(zip(labels, scores)):
-            log.info("    Train net output #%d: %s", i, score_line(value, name, weight))
-        self._display_record = {"event": "train", "iter": self.iter, "loss": loss,
-                                "iter_per_s": per_s, "outputs": group_scores(labels, scores)}
-        if self._bar is not None:
-            self._bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
-
     def _request(self) -> str:
         if self._sync is not None:          # rank 0's request, on every worker alike
             return self._sync.request()
@@ -594,20 +350,6 @@ class Solver:
             update_debug(self.train_module, steps)
         torch._foreach_sub_(self._params, steps)
 
-    def _emit_display(self, rate: float) -> None:
-        record, self._display_record = self._display_record, None
-        if record is not None:
-            record["lr"] = rate
-            record["time"] = time.time()
-            self._publish(record)
-
-    def _publish(self, record: dict) -> None:
-        """A display/test record to the JSON log and the "record" hooks."""
-        if self._json is not None:
-            self._json.write(record, self._restored)
-        for fn in self._hooks["record"]:
-            fn(record)
-
     def _clip(self, grads: list[torch.Tensor]) -> None:
         clip = self.param.clip_gradients
         if clip < 0:
@@ -634,72 +376,6 @@ class Solver:
             self._rates = [f32(np.float32(rate) * m) for m in self._lr_mults]
         return self._rates
 
-    # -- testing -------------------------------------------------------------------------
-    def test_all(self) -> list[dict]:
-        results = []
-        for i in range(len(self.test_modules)):
-            if self.requested_early_exit:
-                break
-            results.append(self.test(i))
-        return results
-
-    def test(self, index: int = 0) -> dict:
-        """Caffe's Solver::Test: mean of each output element over test_iter batches."""
-        log.info("Iteration %d, Testing net (#%d)", self.iter, index)
-        iters = self.param.test_iter[index]
-        scores = self.test_scores(index, iters, interruptible=True)
-        if scores is None:
-            log.info("Test interrupted.")
-            return {}
-        return self._report_test(index, iters, *scores)
-
-    def test_scores(self, index: int, iters: int, interruptible: bool = False):
-        """(sums of the flattened outputs, summed loss, output labels) over `iters`
-        batches of test net `index`; None if a signal interrupted the test."""
-        module = self.test_modules[index]
-        sums, loss, labels = None, 0.0, []
-        with torch.inference_mode():      # no autograd bookkeeping at all (Caffe's TEST)
-            for _ in range(iters):
-                if interruptible and self._test_interrupted():
-                    return None
-                with autocast(self.precision, self.device):
-                    values, batch_loss = self._forward(index + 1)
-                if self.param.debug_info:
-                    forward_debug(module, values)
-                if self.param.test_compute_loss and batch_loss is not None:
-                    loss += float(batch_loss)
-                flat = flat_outputs(module, values)
-                if sums is None:
-                    sums, labels = flat.clone(), output_labels(module, values)
-                else:
-                    sums += flat
-        return sums, loss, labels
-
-    def _report_test(self, index: int, iters: int, sums, loss: float, labels,
-                     event: str = "test", loss_label: str = "Test loss",
-                     output_label: str = "Test net output", **extra) -> dict:
-        """Log and publish a test's means (Caffe's lines); returns the outputs by name."""
-        record = {"event": event, "iter": self.iter, "net": index, **extra}
-        if self.param.test_compute_loss:
-            loss = f32(np.float32(loss) / np.float32(iters))
-            log.info("%s: %g", loss_label, loss)
-            record["loss"] = loss
-        means = (sums / iters).tolist() if sums is not None else []
-        for i, ((name, weight), value) in enumerate(zip(labels, means)):
-            log.info("    %s #%d: %s", output_label, i, score_line(value, name, weight))
-        record["outputs"] = group_scores(labels, means)
-        record["time"] = time.time()
-        self._publish(record)
-        return record["outputs"]
-
-    def _test_interrupted(self) -> bool:
-        while (request := self._request()) != NONE:
-            if request == SNAPSHOT:
-                self.snapshot()
-            elif request == STOP:
-                self.requested_early_exit = True
-        return self.requested_early_exit
-
     # -- solving ----------------------------------------------------------------------------
     def solve(self, resume_file: str | None = None) -> None:
         """Caffe's Solver::Solve: (restore,) step to max_iter, snapshot, final display/test."""
@@ -710,7 +386,7 @@ class Solver:
             log.info("Restoring previous solver status from %s", resume_file)
             self.restore(resume_file)
         try:
-            with _progress(self):
+            with progress_bar(self):
                 self.step(self.param.max_iter - self.iter)
             self._finish()
         finally:
@@ -776,70 +452,6 @@ class Solver:
         self.iter = state.iter
         self.current_step = state.current_step
         self._restored = True
-
-
-@contextlib.contextmanager
-def _progress(solver: Solver):
-    """A tqdm bar over the iterations while `solver.progress` is on, with log lines
-    routed through it so the two do not garble each other."""
-    if not solver.progress:
-        yield
-        return
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-    with tqdm(total=solver.param.max_iter, initial=solver.iter, unit="it",
-              dynamic_ncols=True, desc="train") as bar, logging_redirect_tqdm():
-        solver._bar = bar
-        try:
-            yield
-        finally:
-            solver._bar = None
-
-
-# -- debug_info: Caffe's per-layer statistics ----------------------------------------------
-def _abs_mean(tensor: torch.Tensor) -> float:
-    return float(tensor.detach().abs().float().mean()) if tensor.numel() else 0.0
-
-
-def forward_debug(module: NetModule, values: list) -> None:
-    for step in module.steps:
-        name = module.layer_names[step.layer]
-        for t in step.tops:
-            if values[t] is not None:
-                log.info("    [Forward] Layer %s, top blob %s data: %g", name,
-                         module.blob_names[t], _abs_mean(values[t]))
-        for j, blob in enumerate(module.layers[step.layer].blobs):
-            log.info("    [Forward] Layer %s, param blob %d data: %g", name, j,
-                     _abs_mean(blob))
-
-
-def backward_debug(module: NetModule) -> None:
-    for step in reversed(module.steps):
-        layer = module.layers[step.layer]
-        for j, blob in enumerate(layer.blobs):
-            if blob.requires_grad and blob.grad is not None:
-                log.info("    [Backward] Layer %s, param blob %d diff: %g",
-                         layer.layer_name, j, _abs_mean(blob.grad))
-    params = [e.param for e in module.learnable]
-    if params:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        l1 = (sum(float(p.abs().sum()) for p in params), sum(float(g.abs().sum()) for g in grads))
-        l2 = (float(torch.stack(torch._foreach_norm(params)).norm()),
-              float(torch.stack(torch._foreach_norm(grads)).norm()))
-        log.info("    [Backward] All net params (data, diff): L1 norm = (%g, %g); "
-                 "L2 norm = (%g, %g)", l1[0], l1[1], l2[0], l2[1])
-
-
-def update_debug(module: NetModule, updates: Sequence[torch.Tensor]) -> None:
-    for entry, update in zip(module.learnable, updates):
-        log.info("    [Update] Layer %s, param %s data: %g; diff: %g", entry.layer,
-                 entry.name or entry.index, _abs_mean(entry.param), _abs_mean(update))
-
-
-def _copy(message):
-    duplicate = type(message)()
-    duplicate.CopyFrom(message)
-    return duplicate
 
 
 # -- pycaffe's solver classes --------------------------------------------------------------
