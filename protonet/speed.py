@@ -125,8 +125,11 @@ class InferenceNet:
     """A frozen inference plan of a NetModule; call it with {input name: tensor}."""
 
     def __init__(self, module, precision: str = "fp32", channels_last: bool | None = None,
-                 compile: bool = False, fold: bool = True):
+                 compile: bool = False, fold: bool = True, keep_blobs: bool = False):
+        if keep_blobs and (precision != "fp32" or compile):
+            raise ProtonetError("an inference plan that keeps every blob runs fp32, eagerly")
         self.module = module
+        self.keep_blobs = keep_blobs
         self.dtype = precision_dtype(precision)
         self.precision = precision
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
@@ -139,9 +142,11 @@ class InferenceNet:
         with torch.no_grad():
             # Inductor packs weights itself (and cannot trace oneDNN's packed tensors).
             planner = _Planner(module, self.dtype, fold, device, pack=not compile,
-                               channels_last=self.channels_last)
+                               channels_last=self.channels_last, exact_blobs=keep_blobs)
             self.ops = planner.plan()
         self.output_blobs = [planner.resolve(i) for i in self.output_ids]
+        self.aliases = sorted(planner.alias.items())     # Split tops: views of a blob
+        self._versions = _param_versions(module)
         self.folded = sum(1 for s in module.steps if not s.is_input) - len(self.ops)
         self._compiled = _compile(self._run) if compile else None
 
@@ -160,7 +165,38 @@ class InferenceNet:
     def compiled(self) -> bool:
         return self._compiled is not None
 
+    def stale(self) -> bool:
+        """Whether a param was changed in place (or replaced) since the plan was made:
+        it folded and packed their values then, so it must be made again."""
+        return _param_versions(self.module) != self._versions
+
+    def forward_blobs(self, inputs: Mapping[str, torch.Tensor]) -> tuple[list, torch.Tensor | None]:
+        """NetModule.forward's result — every blob's value by id, and the weighted loss —
+        from a plan made with keep_blobs=True: it folds and fuses only chains of layers
+        in place on one blob (conv -> BatchNorm -> Scale -> ReLU, Eltwise SUM -> ReLU),
+        whose intermediate values Caffe's own forward overwrites too, so each blob holds
+        what Caffe's forward leaves in it. Runs under no_grad (its tensors stay usable
+        for later autograd-free edits), not inference_mode."""
+        if not self.keep_blobs:
+            raise ProtonetError("forward_blobs needs a plan made with keep_blobs=True")
+        with torch.no_grad():
+            values = self._values(dict(inputs))
+        for top, source in self.aliases:
+            if values[top] is None:
+                values[top] = values[source]
+        loss = None
+        for step in self.module.steps:
+            for pos, weight in step.losses:
+                term = values[step.tops[pos]].sum() * weight
+                loss = term if loss is None else loss + term
+        return values, loss
+
     def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        values = self._values(inputs)
+        return {name: _as_output(values[i]) for name, i in zip(self.output_names,
+                                                                self.output_blobs)}
+
+    def _values(self, inputs: dict[str, torch.Tensor]) -> list:
         values: list = [None] * self.num_blobs
         index = self.module.blob_index
         for name, tensor in inputs.items():
@@ -181,8 +217,11 @@ class InferenceNet:
             else:
                 for t, v in zip(op.tops, out):
                     values[t] = v
-        return {name: _as_output(values[i]) for name, i in zip(self.output_names,
-                                                                self.output_blobs)}
+        return values
+
+
+def _param_versions(module) -> list:
+    return [(id(p), p._version) for layer in module.layers for p in layer.blobs]
 
 
 def _as_output(tensor):
@@ -196,8 +235,9 @@ class _Planner:
     """Walks the module's steps once, folding, fusing and packing as it goes."""
 
     def __init__(self, module, dtype: torch.dtype, fold: bool, device: torch.device,
-                 pack: bool = True, channels_last: bool = False):
+                 pack: bool = True, channels_last: bool = False, exact_blobs: bool = False):
         self.module = module
+        self.exact = exact_blobs        # fuse only steps in place on one blob
         self.steps = [s for s in module.steps if not s.is_input]
         self.dtype = dtype
         self.low = dtype != torch.float32
@@ -233,7 +273,7 @@ class _Planner:
         layer = self.module.layers[step.layer]
         name = self.module.layer_names[step.layer]
         if layer.type in ("Convolution", "InnerProduct") and len(step.bottoms) == 1:
-            affine, used = self._affine_at(i + 1, step.tops) if \
+            affine, used = self._affine_at(i + 1, step.tops, after=True) if \
                 layer.type == "Convolution" and layer.axis == 1 else (None, 0)
             tops = self.steps[i + used].tops
             relu = self._is_relu_on(i + 1 + used, tops)
@@ -266,17 +306,22 @@ class _Planner:
         step = self.steps[i]
         layer = self.module.layers[step.layer]
         return layer.type == "ReLU" and step.bottoms == blobs and \
-            layer.param.relu_param.negative_slope == 0
+            layer.param.relu_param.negative_slope == 0 and \
+            (not self.exact or step.tops == blobs)
 
-    def _affine_at(self, i: int, blobs: tuple[int, ...]):
+    def _affine_at(self, i: int, blobs: tuple[int, ...], after: bool = False):
         """A per-channel affine map (scale, shift), in float64, from a BatchNorm with
         global statistics at step i reading `blobs`, and a per-channel Scale after it;
-        with the number of steps it covers. (None, 0) when the steps are not so."""
+        with the number of steps it covers. (None, 0) when the steps are not so.
+        `after`: it would fold into the layer making `blobs` (exact_blobs then needs
+        the BatchNorm in place on them)."""
         if not self.fold or i >= len(self.steps) or len(blobs) != 1:
             return None, 0
         step = self.steps[i]
         layer = self.module.layers[step.layer]
         if layer.type != "BatchNorm" or step.bottoms != blobs or not layer.use_global_stats:
+            return None, 0
+        if self.exact and after and step.tops != blobs:
             return None, 0
         mean_sum, var_sum, factor = (b.detach().double() for b in layer.blobs)
         inverse = torch.where(factor == 0, torch.zeros_like(factor), 1 / factor)
@@ -286,6 +331,7 @@ class _Planner:
             nxt = self.steps[i + 1]
             scale_layer = self.module.layers[nxt.layer]
             if scale_layer.type == "Scale" and nxt.bottoms == step.tops and \
+                    (not self.exact or nxt.tops == step.tops) and \
                     scale_layer.per_channel_of(self.module.blob_shapes[step.tops[0]]):
                 gamma = scale_layer.blobs[0].detach().double()
                 scale, shift = scale * gamma, shift * gamma
