@@ -55,3 +55,13 @@ def test_caffe_bench_runs_protonet_time_on_the_files(capsys):
     row = [line for line in capsys.readouterr().out.splitlines()
            if line.startswith("LeNet")][0].split()
     assert row[2] == "-" and float(row[3]) > 0 and float(row[6]) > 0
+
+
+def test_inference_bench_checks_blobs_and_times_the_paths(capsys):
+    import bench_inference
+    assert bench_inference.main(["--model", str(BENCH / "nets" / "lenet_deploy.prototxt"),
+                                 "--iterations", "1", "--rounds", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert ", 0 missing;" in out and "forward_for_inference " in out
+    error = float(out.split("max relative error ")[1].split(",")[0])
+    assert error < 1e-5
