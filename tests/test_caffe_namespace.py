@@ -632,3 +632,80 @@ def test_draw(tmp_path):
     caffe.draw.draw_net_to_file(net, str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert caffe.draw.draw_net(net, "LR", ext="svg").lstrip().startswith(b"<")
+
+
+# -- Classifier and Detector ------------------------------------------------------------
+@pytest.fixture
+def weights(tmp_path, net_file):
+    caffe.set_random_seed(3)
+    path = str(tmp_path / "small.caffemodel")
+    caffe.Net(net_file, caffe.TEST).save(path)
+    return path
+
+
+def _probs(net_file, weights, batch):
+    """The net's prob output for a (N, 3, 6, 6) batch, two at a time as forward does."""
+    net = caffe.Net(net_file, weights, caffe.TEST)
+    out = []
+    for i in range(0, len(batch), 2):
+        chunk = batch[i:i + 2]
+        net.blobs["data"].reshape(*chunk.shape)
+        net.reshape()
+        out.append(net.forward(data=chunk)["prob"].copy())
+    return np.concatenate(out)
+
+
+def _manual_input(crop, mean):
+    """pycaffe's preprocessing by hand: HWC -> CHW, RGB -> BGR, * 2, - mean."""
+    return crop.transpose(2, 0, 1)[::-1] * 2.0 - mean[:, None, None]
+
+
+def test_classifier_predict_center_and_oversampled(net_file, weights):
+    rng = np.random.default_rng(5)
+    images = [rng.random((10, 12, 3)).astype(np.float32) for _ in range(3)]
+    mean = np.array([0.1, 0.2, 0.3], np.float32)
+    clf = caffe.Classifier(net_file, weights, image_dims=(8, 8), mean=mean, raw_scale=2.0,
+                           channel_swap=(2, 1, 0))
+    assert isinstance(clf, caffe.Net) and list(clf.crop_dims) == [6, 6]
+    resized = [caffe.io.resize_image(im, (8, 8)) for im in images]
+    center = np.stack([_manual_input(r[1:7, 1:7], mean) for r in resized]).astype(np.float32)
+    got = clf.predict(images, oversample=False)
+    assert got.shape == (3, 5)
+    np.testing.assert_allclose(got, _probs(net_file, weights, center), rtol=1e-5, atol=1e-6)
+    crops = []
+    for r in resized:
+        views = [r[:6, :6], r[:6, 2:], r[2:, :6], r[2:, 2:], r[1:7, 1:7]]
+        crops += [_manual_input(v, mean) for v in views]
+        crops += [_manual_input(v[:, ::-1], mean) for v in views]
+    expected = _probs(net_file, weights, np.stack(crops).astype(np.float32))
+    np.testing.assert_allclose(clf.predict(images), expected.reshape(3, 10, 5).mean(1),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_detector_windows_context_and_selective_search(tmp_path, net_file, weights):
+    rng = np.random.default_rng(6)
+    rgb = (rng.random((20, 24, 3)) * 255).astype(np.uint8)
+    path = str(tmp_path / "im.png")
+    cv2.imwrite(path, rgb[:, :, ::-1])
+    mean = np.array([0.1, 0.2, 0.3], np.float32)
+    det = caffe.Detector(net_file, weights, mean=mean, raw_scale=2.0, channel_swap=(2, 1, 0))
+    windows = [np.array([0, 0, 10, 12]), np.array([5, 6, 20, 24]), np.array([2, 3, 8, 9])]
+    found = det.detect_windows([(path, windows)])
+    assert [d["filename"] for d in found] == [path] * 3
+    image = rgb.astype(np.float32) / 255.0
+    batch = np.stack([_manual_input(caffe.io.resize_image(image[w[0]:w[2], w[1]:w[3]],
+                                                          (6, 6)), mean) for w in windows])
+    expected = _probs(net_file, weights, batch.astype(np.float32))
+    for d, w, e in zip(found, windows, expected):
+        assert d["window"] is w
+        np.testing.assert_allclose(d["prediction"], e, rtol=1e-5, atol=1e-6)
+    padded = caffe.Detector(net_file, weights, mean=mean, raw_scale=2.0,
+                            channel_swap=(2, 1, 0), context_pad=1)
+    assert list(padded.crop_dims) == [6, 6, 3]
+    np.testing.assert_allclose(padded.crop_mean.reshape(3), mean[::-1] / 2.0)
+    crop = padded.crop(image, np.array([0, 0, 10, 10]))   # context above/left: mean fill
+    assert crop.shape == (6, 6, 3)
+    np.testing.assert_allclose(crop[0, 0], mean[::-1] / 2.0, rtol=1e-6)
+    assert len(padded.detect_windows([(path, [np.array([0, 0, 10, 10])])])) == 1
+    with pytest.raises(ProtonetError, match="external proposal source"):
+        det.detect_selective_search([path])
