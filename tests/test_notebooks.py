@@ -1,0 +1,295 @@
+"""Caffe's example notebooks as condensed scripts, run through `import protonet.caffe
+as caffe`: each keeps its notebook's code path (the calls, in order) with only the
+data changed — small local data made here (sklearn digits, random images, random
+weights) and narrower nets instead of ImageNet, MNIST downloads and CaffeNet — and
+checks what the notebook shows against numbers computed independently.
+
+00-classification, 01-learning-lenet, 02-fine-tuning, brewing-logreg, net_surgery,
+pascal-multilabel-with-datalayer, and Google's deep dream loop.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import textwrap
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from google.protobuf import text_format
+
+import protonet.caffe as caffe
+from protonet.caffe import layers as L, params as P
+from protonet.caffe.proto import caffe_pb2
+
+lmdb = pytest.importorskip("lmdb")
+h5py = pytest.importorskip("h5py")
+
+
+def _write_jpeg(path, rng, h, w, grey=False):
+    image = (rng.random((h, w) if grey else (h, w, 3)) * 255).astype(np.uint8)
+    image = cv2.GaussianBlur(image, (5, 5), 0)        # image-like, not pure noise
+    cv2.imwrite(str(path), image)
+    return str(path)
+
+
+def _random_weights(model_def, path, seed=0):
+    """A .caffemodel of the net's filler-initialised weights (our 'pretrained' model)."""
+    caffe.set_random_seed(seed)
+    caffe.Net(model_def, caffe.TEST).save(str(path))
+    return str(path)
+
+
+# -- 00-classification ------------------------------------------------------------------
+CAFFENET_SMALL_DEPLOY = """
+name: "CaffeNetSmall"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 10 dim: 3 dim: 67 dim: 67 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 16 kernel_size: 11 stride: 4 weight_filler { type: "gaussian" std: 0.02 } bias_filler { type: "constant" value: 0.1 } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layer { name: "norm1" type: "LRN" bottom: "pool1" top: "norm1" lrn_param { local_size: 5 alpha: 0.0001 beta: 0.75 } }
+layer { name: "conv2" type: "Convolution" bottom: "norm1" top: "conv2"
+  convolution_param { num_output: 16 pad: 2 kernel_size: 5 group: 2 weight_filler { type: "gaussian" std: 0.05 } bias_filler { type: "constant" value: 0.1 } } }
+layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
+layer { name: "pool5" type: "Pooling" bottom: "conv2" top: "pool5" pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layer { name: "fc6" type: "InnerProduct" bottom: "pool5" top: "fc6"
+  inner_product_param { num_output: 32 weight_filler { type: "gaussian" std: 0.05 } bias_filler { type: "constant" value: 0.1 } } }
+layer { name: "relu6" type: "ReLU" bottom: "fc6" top: "fc6" }
+layer { name: "drop6" type: "Dropout" bottom: "fc6" top: "fc6" dropout_param { dropout_ratio: 0.5 } }
+layer { name: "fc8" type: "InnerProduct" bottom: "fc6" top: "fc8"
+  inner_product_param { num_output: 10 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "prob" type: "Softmax" bottom: "fc8" top: "prob" }
+"""
+
+
+def test_00_classification(tmp_path):
+    rng = np.random.default_rng(0)
+    model_def = str(tmp_path / "deploy.prototxt")
+    open(model_def, "w").write(CAFFENET_SMALL_DEPLOY)
+    model_weights = _random_weights(model_def, tmp_path / "caffenet.caffemodel")
+    np.save(tmp_path / "mean.npy", (rng.random((3, 80, 80)) * 40 + 100).astype(np.float64))
+    image_file = _write_jpeg(tmp_path / "cat.jpg", rng, 90, 120)
+    labels_file = tmp_path / "synset_words.txt"
+    labels_file.write_text("".join(f"n0{i:07d} class {i}\n" for i in range(10)))
+
+    caffe.set_mode_cpu()
+    net = caffe.Net(model_def, model_weights, caffe.TEST)
+    mu = np.load(tmp_path / "mean.npy")
+    mu = mu.mean(1).mean(1)
+    transformer = caffe.io.Transformer({"data": net.blobs["data"].data.shape})
+    transformer.set_transpose("data", (2, 0, 1))
+    transformer.set_mean("data", mu)
+    transformer.set_raw_scale("data", 255)
+    transformer.set_channel_swap("data", (2, 1, 0))
+    net.blobs["data"].reshape(5, 3, 67, 67)
+    image = caffe.io.load_image(image_file)
+    transformed_image = transformer.preprocess("data", image)
+    net.blobs["data"].data[...] = transformed_image
+    output = net.forward()
+    output_prob = output["prob"][0]
+    labels = np.loadtxt(str(labels_file), str, delimiter="\t")
+    top_inds = output_prob.argsort()[::-1][:5]
+    top = list(zip(output_prob[top_inds], labels[top_inds]))
+
+    # independently: OpenCV's BGR pixels resized, minus the mean, through the core Net
+    bgr = cv2.imread(image_file).astype(np.float32) / 255.0
+    resized = caffe.io.resize_image(bgr, (67, 67)) * 255.0 - mu.astype(np.float32)
+    core = __import__("protonet").Net(model_def, model_weights, caffe.TEST)
+    core.blobs["data"].reshape(1, 3, 67, 67)
+    core.reshape()
+    expected = core.forward(data=resized.transpose(2, 0, 1)[None])["prob"][0]
+    np.testing.assert_allclose(output_prob, expected, rtol=1e-4, atol=1e-5)
+    assert output["prob"].shape == (5, 10) and top[0][0] == output_prob.max()
+    assert top[0][1] == labels[output_prob.argmax()]
+
+    caffe.set_device(0)      # the notebook's GPU cell: the mode switch is accepted
+    caffe.set_mode_gpu()
+    net.forward()
+    caffe.set_mode_cpu()
+    shapes = {name: blob.data.shape for name, blob in net.blobs.items()}
+    assert shapes["conv1"] == (5, 16, 15, 15) and shapes["pool5"] == (5, 16, 3, 3)
+    params = {name: (p[0].data.shape, p[1].data.shape) for name, p in net.params.items()}
+    assert params["conv2"] == ((16, 8, 5, 5), (16,))
+
+    def vis_square(data):
+        data = (data - data.min()) / (data.max() - data.min())
+        n = int(np.ceil(np.sqrt(data.shape[0])))
+        padding = (((0, n ** 2 - data.shape[0]), (0, 1), (0, 1))
+                   + ((0, 0),) * (data.ndim - 3))
+        data = np.pad(data, padding, mode="constant", constant_values=1)
+        data = data.reshape((n, n) + data.shape[1:]).transpose(
+            (0, 2, 1, 3) + tuple(range(4, data.ndim + 1)))
+        return data.reshape((n * data.shape[1], n * data.shape[3]) + data.shape[4:])
+
+    assert vis_square(net.params["conv1"][0].data.transpose(0, 2, 3, 1)).shape == (48, 48, 3)
+    assert vis_square(net.blobs["conv1"].data[0, :36]).shape == (64, 64)
+    feat = net.blobs["fc6"].data[0]
+    assert np.all(feat >= 0)                          # after the in-place ReLU
+    assert np.allclose(net.blobs["prob"].data[0], output_prob)
+
+
+# -- 01-learning-lenet ------------------------------------------------------------------
+def _digits_lmdb(path, images, labels):
+    env = lmdb.open(str(path), map_size=1 << 28)
+    with env.begin(write=True) as txn:
+        for i, (im, label) in enumerate(zip(images, labels)):
+            datum = caffe.io.array_to_datum(im[None], int(label))
+            txn.put(f"{i:08d}".encode(), datum.SerializeToString())
+    env.close()
+    return str(path)
+
+
+def _digits_28():
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = datasets.load_digits()
+    images = np.stack([cv2.resize((im * 255 / 16).astype(np.uint8), (28, 28),
+                                  interpolation=cv2.INTER_LINEAR) for im in digits.images])
+    return images, digits.target
+
+
+def test_01_learning_lenet(tmp_path, monkeypatch):
+    images, labels = _digits_28()
+    train_lmdb = _digits_lmdb(tmp_path / "mnist_train_lmdb", images[:1500], labels[:1500])
+    test_lmdb = _digits_lmdb(tmp_path / "mnist_test_lmdb", images[1500:], labels[1500:])
+    monkeypatch.chdir(tmp_path)
+
+    def lenet(lmdb_path, batch_size):
+        n = caffe.NetSpec()
+        n.data, n.label = L.Data(batch_size=batch_size, backend=P.Data.LMDB, source=lmdb_path,
+                                 transform_param=dict(scale=1. / 255), ntop=2)
+        n.conv1 = L.Convolution(n.data, kernel_size=5, num_output=20,
+                                weight_filler=dict(type="xavier"))
+        n.pool1 = L.Pooling(n.conv1, kernel_size=2, stride=2, pool=P.Pooling.MAX)
+        n.conv2 = L.Convolution(n.pool1, kernel_size=5, num_output=50,
+                                weight_filler=dict(type="xavier"))
+        n.pool2 = L.Pooling(n.conv2, kernel_size=2, stride=2, pool=P.Pooling.MAX)
+        n.fc1 = L.InnerProduct(n.pool2, num_output=500, weight_filler=dict(type="xavier"))
+        n.relu1 = L.ReLU(n.fc1, in_place=True)
+        n.score = L.InnerProduct(n.relu1, num_output=10, weight_filler=dict(type="xavier"))
+        n.loss = L.SoftmaxWithLoss(n.score, n.label)
+        return n.to_proto()
+
+    with open("lenet_auto_train.prototxt", "w") as f:
+        f.write(str(lenet(train_lmdb, 32)))
+    with open("lenet_auto_test.prototxt", "w") as f:
+        f.write(str(lenet(test_lmdb, 50)))
+    with open("lenet_auto_solver.prototxt", "w") as f:
+        f.write(textwrap.dedent("""\
+            train_net: "lenet_auto_train.prototxt"
+            test_net: "lenet_auto_test.prototxt"
+            test_iter: 100
+            test_interval: 500
+            base_lr: 0.01
+            momentum: 0.9
+            weight_decay: 0.0005
+            lr_policy: "inv"
+            gamma: 0.0001
+            power: 0.75
+            display: 100
+            max_iter: 10000
+            snapshot: 5000
+            snapshot_prefix: "lenet"
+            random_seed: 1
+            """))
+    caffe.set_device(0)
+    caffe.set_mode_gpu()
+    try:
+        solver = caffe.SGDSolver("lenet_auto_solver.prototxt")
+    finally:
+        caffe.set_mode_cpu()
+    shapes = [(k, v.data.shape) for k, v in solver.net.blobs.items()]
+    assert shapes[0] == ("data", (32, 1, 28, 28)) and ("score", (32, 10)) in shapes
+    assert [(k, v[0].data.shape) for k, v in solver.net.params.items()][0] == \
+        ("conv1", (20, 1, 5, 5))
+    solver.net.forward()
+    solver.test_nets[0].forward()
+    np.testing.assert_array_equal(solver.net.blobs["label"].data[:8], labels[:8])
+    np.testing.assert_array_equal(solver.test_nets[0].blobs["label"].data[:8],
+                                  labels[1500:1508])
+    np.testing.assert_allclose(solver.net.blobs["data"].data[0, 0], images[0] / 255.0,
+                               atol=1e-6)
+    solver.step(1)
+    assert np.abs(solver.net.params["conv1"][0].diff).sum() > 0
+    assert solver.net.params["conv1"][0].diff[:, 0].reshape(4, 5, 5, 5).shape == (4, 5, 5, 5)
+
+    niter, test_interval = 16, 8
+    train_loss = np.zeros(niter)
+    test_acc = np.zeros(int(np.ceil(niter / test_interval)) + 1)
+    output = np.zeros((niter, 8, 10))
+    for it in range(niter):
+        solver.step(1)
+        train_loss[it] = solver.net.blobs["loss"].data
+        solver.test_nets[0].forward(start="conv1")
+        output[it] = solver.test_nets[0].blobs["score"].data[:8]
+        if it % test_interval == 0 or it == niter - 1:
+            correct = 0
+            for _ in range(3):
+                solver.test_nets[0].forward()
+                correct += sum(solver.test_nets[0].blobs["score"].data.argmax(1)
+                               == solver.test_nets[0].blobs["label"].data)
+            test_acc[it // test_interval + (it == niter - 1)] = correct / 150
+    assert solver.iter == niter + 1
+    assert train_loss[-5:].mean() < 0.6 * train_loss[:5].mean()
+    assert test_acc[-1] > 0.5                          # chance is 0.1
+
+
+def test_01_learning_lenet_custom_solver(tmp_path):
+    images, labels = _digits_28()
+    train_lmdb = _digits_lmdb(tmp_path / "train_lmdb", images[:1500], labels[:1500])
+    test_lmdb = _digits_lmdb(tmp_path / "test_lmdb", images[1500:], labels[1500:])
+    train_net_path = str(tmp_path / "custom_auto_train.prototxt")
+    test_net_path = str(tmp_path / "custom_auto_test.prototxt")
+    solver_config_path = str(tmp_path / "custom_auto_solver.prototxt")
+
+    def custom_net(lmdb_path, batch_size):
+        n = caffe.NetSpec()
+        n.data, n.label = L.Data(batch_size=batch_size, backend=P.Data.LMDB, source=lmdb_path,
+                                 transform_param=dict(scale=1. / 255), ntop=2)
+        n.score = L.InnerProduct(n.data, num_output=10, weight_filler=dict(type="xavier"))
+        n.loss = L.SoftmaxWithLoss(n.score, n.label)
+        return n.to_proto()
+
+    with open(train_net_path, "w") as f:
+        f.write(str(custom_net(train_lmdb, 64)))
+    with open(test_net_path, "w") as f:
+        f.write(str(custom_net(test_lmdb, 100)))
+    s = caffe_pb2.SolverParameter()
+    s.random_seed = 0xCAFFE
+    s.train_net = train_net_path
+    s.test_net.append(test_net_path)
+    s.test_interval = 500
+    s.test_iter.append(100)
+    s.max_iter = 10000
+    s.type = "Adam"
+    s.base_lr = 0.001
+    s.momentum = 0.9
+    s.momentum2 = 0.999
+    s.weight_decay = 5e-4
+    s.lr_policy = "inv"
+    s.gamma = 0.0001
+    s.power = 0.75
+    s.display = 1000
+    s.snapshot = 5000
+    s.snapshot_prefix = str(tmp_path / "custom_net")
+    s.solver_mode = caffe_pb2.SolverParameter.GPU
+    with open(solver_config_path, "w") as f:
+        f.write(str(s))
+    solver = caffe.get_solver(solver_config_path)
+    assert isinstance(solver, caffe.AdamSolver)
+    niter = 40
+    test_interval = niter / 4
+    train_loss = np.zeros(niter)
+    for it in range(niter):
+        solver.step(1)
+        train_loss[it] = solver.net.blobs["loss"].data
+        if it % test_interval == 0:
+            correct = 0
+            for _ in range(3):
+                solver.test_nets[0].forward()
+                correct += sum(solver.test_nets[0].blobs["score"].data.argmax(1)
+                               == solver.test_nets[0].blobs["label"].data)
+    assert train_loss[-5:].mean() < 0.5 * train_loss[:3].mean()
+    assert correct / 300 > 0.6
