@@ -293,3 +293,207 @@ def test_01_learning_lenet_custom_solver(tmp_path):
                                == solver.test_nets[0].blobs["label"].data)
     assert train_loss[-5:].mean() < 0.5 * train_loss[:3].mean()
     assert correct / 300 > 0.6
+
+
+# -- brewing-logreg ---------------------------------------------------------------------
+def test_brewing_logreg(tmp_path):
+    datasets = pytest.importorskip("sklearn.datasets")
+    model_selection = pytest.importorskip("sklearn.model_selection")
+    X, y = datasets.make_classification(n_samples=2000, n_features=4, n_redundant=0,
+                                        n_informative=2, n_clusters_per_class=2,
+                                        hypercube=False, random_state=0)
+    X, Xt, y, yt = model_selection.train_test_split(X, y, random_state=0)
+    dirname = str(tmp_path / "data")
+    os.makedirs(dirname)
+    train_filename = os.path.join(dirname, "train.h5")
+    test_filename = os.path.join(dirname, "test.h5")
+    with h5py.File(train_filename, "w") as f:
+        f["data"] = X
+        f["label"] = y.astype(np.float32)
+    with open(os.path.join(dirname, "train.txt"), "w") as f:
+        f.write(train_filename + "\n")
+        f.write(train_filename + "\n")
+    comp_kwargs = {"compression": "gzip", "compression_opts": 1}
+    with h5py.File(test_filename, "w") as f:
+        f.create_dataset("data", data=Xt, **comp_kwargs)
+        f.create_dataset("label", data=yt.astype(np.float32), **comp_kwargs)
+    with open(os.path.join(dirname, "test.txt"), "w") as f:
+        f.write(test_filename + "\n")
+
+    def logreg(hdf5, batch_size):
+        n = caffe.NetSpec()
+        n.data, n.label = L.HDF5Data(batch_size=batch_size, source=hdf5, ntop=2)
+        n.ip1 = L.InnerProduct(n.data, num_output=2, weight_filler=dict(type="xavier"))
+        n.accuracy = L.Accuracy(n.ip1, n.label)
+        n.loss = L.SoftmaxWithLoss(n.ip1, n.label)
+        return n.to_proto()
+
+    def nonlinear_net(hdf5, batch_size):
+        n = caffe.NetSpec()
+        n.data, n.label = L.HDF5Data(batch_size=batch_size, source=hdf5, ntop=2)
+        n.ip1 = L.InnerProduct(n.data, num_output=40, weight_filler=dict(type="xavier"))
+        n.relu1 = L.ReLU(n.ip1, in_place=True)
+        n.ip2 = L.InnerProduct(n.ip1, num_output=2, weight_filler=dict(type="xavier"))
+        n.accuracy = L.Accuracy(n.ip2, n.label)
+        n.loss = L.SoftmaxWithLoss(n.ip2, n.label)
+        return n.to_proto()
+
+    def solver(train_net_path, test_net_path):
+        s = caffe_pb2.SolverParameter()
+        s.train_net = train_net_path
+        s.test_net.append(test_net_path)
+        s.test_interval = 100
+        s.test_iter.append(20)
+        s.max_iter = 200
+        s.base_lr = 0.01
+        s.lr_policy = "step"
+        s.gamma = 0.1
+        s.stepsize = 5000
+        s.momentum = 0.9
+        s.weight_decay = 5e-4
+        s.display = 1000
+        s.snapshot = 10000
+        s.snapshot_prefix = os.path.join(dirname, "train")
+        s.solver_mode = caffe_pb2.SolverParameter.CPU
+        return s
+
+    accuracies = {}
+    for name, make in (("logreg", logreg), ("nonlinear", nonlinear_net)):
+        train_net_path = str(tmp_path / f"{name}_auto_train.prototxt")
+        with open(train_net_path, "w") as f:
+            f.write(str(make(os.path.join(dirname, "train.txt"), 10)))
+        test_net_path = str(tmp_path / f"{name}_auto_test.prototxt")
+        with open(test_net_path, "w") as f:
+            f.write(str(make(os.path.join(dirname, "test.txt"), 10)))
+        solver_path = str(tmp_path / f"{name}_solver.prototxt")
+        with open(solver_path, "w") as f:
+            f.write(str(solver(train_net_path, test_net_path)))
+        caffe.set_mode_cpu()
+        s = caffe.get_solver(solver_path)
+        s.solve()
+        assert s.iter == 200
+        accuracy = 0
+        batch_size = s.test_nets[0].blobs["data"].num
+        test_iters = int(len(Xt) / batch_size)
+        for _ in range(test_iters):
+            s.test_nets[0].forward()
+            accuracy += s.test_nets[0].blobs["accuracy"].data
+        accuracy /= test_iters
+        # the same accuracy from the weights, in numpy
+        params = s.test_nets[0].params
+        if name == "logreg":
+            scores = Xt @ params["ip1"][0].data.T + params["ip1"][1].data
+        else:
+            hidden = np.maximum(Xt @ params["ip1"][0].data.T + params["ip1"][1].data, 0)
+            scores = hidden @ params["ip2"][0].data.T + params["ip2"][1].data
+        assert accuracy == pytest.approx((scores.argmax(1) == yt).mean(), abs=1e-4)
+        accuracies[name] = float(accuracy)
+    assert accuracies["logreg"] > 0.7 and accuracies["nonlinear"] > 0.75
+
+
+# -- net_surgery ------------------------------------------------------------------------
+CONV_PROTOTXT = """
+name: "convolution"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 1 dim: 100 dim: 100 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 3 kernel_size: 5 stride: 1
+    weight_filler { type: "gaussian" std: 0.01 } bias_filler { type: "constant" value: 0 } } }
+"""
+
+FC_DEPLOY = """
+name: "small"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 12 dim: 12 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+%s
+layer { name: "prob" type: "Softmax" bottom: "fc8%s" top: "prob" }
+"""
+FC_LAYERS = """
+layer { name: "fc6" type: "InnerProduct" bottom: "pool1" top: "fc6" inner_product_param { num_output: 8 weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "relu6" type: "ReLU" bottom: "fc6" top: "fc6" }
+layer { name: "fc7" type: "InnerProduct" bottom: "fc6" top: "fc7" inner_product_param { num_output: 8 weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "relu7" type: "ReLU" bottom: "fc7" top: "fc7" }
+layer { name: "fc8" type: "InnerProduct" bottom: "fc7" top: "fc8" inner_product_param { num_output: 5 weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 0.1 } } }
+"""
+CONV_LAYERS = """
+layer { name: "fc6-conv" type: "Convolution" bottom: "pool1" top: "fc6-conv" convolution_param { num_output: 8 kernel_size: 5 } }
+layer { name: "relu6" type: "ReLU" bottom: "fc6-conv" top: "fc6-conv" }
+layer { name: "fc7-conv" type: "Convolution" bottom: "fc6-conv" top: "fc7-conv" convolution_param { num_output: 8 kernel_size: 1 } }
+layer { name: "relu7" type: "ReLU" bottom: "fc7-conv" top: "fc7-conv" }
+layer { name: "fc8-conv" type: "Convolution" bottom: "fc7-conv" top: "fc8-conv" convolution_param { num_output: 5 kernel_size: 1 } }
+"""
+
+
+def _correlate_valid(image, kernel):
+    windows = np.lib.stride_tricks.sliding_window_view(image, kernel.shape)
+    return np.einsum("ijkl,kl->ij", windows, kernel)
+
+
+def test_net_surgery(tmp_path):
+    rng = np.random.default_rng(4)
+    conv_def = tmp_path / "conv.prototxt"
+    conv_def.write_text(CONV_PROTOTXT)
+    cat_gray = _write_jpeg(tmp_path / "cat_gray.jpg", rng, 100, 100, grey=True)
+    caffe.set_mode_cpu()
+    net = caffe.Net(str(conv_def), caffe.TEST)
+    im = np.array(caffe.io.load_image(cat_gray, color=False)).squeeze()
+    im_input = im[np.newaxis, np.newaxis, :, :]
+    net.blobs["data"].reshape(*im_input.shape)
+    net.blobs["data"].data[...] = im_input
+    net.forward()
+    conv0 = net.blobs["conv"].data[0, 0]
+    pre = float(conv0.mean())
+    net.params["conv"][1].data[0] = 1.
+    net.forward()
+    assert float(conv0.mean()) == pytest.approx(pre + 1, abs=1e-5)   # conv0 is a view
+    ksize = net.params["conv"][0].data.shape[2:]
+    sigma = 1.
+    y, x = np.mgrid[-ksize[0] // 2 + 1:ksize[0] // 2 + 1, -ksize[1] // 2 + 1:ksize[1] // 2 + 1]
+    g = np.exp(-((x ** 2 + y ** 2) / (2.0 * sigma ** 2)))
+    gaussian = (g / g.sum()).astype(np.float32)
+    net.params["conv"][0].data[0] = gaussian
+    net.params["conv"][0].data[1:] = 0.
+    sobel = np.array((-1, -2, -1, 0, 0, 0, 1, 2, 1), dtype=np.float32).reshape((3, 3))
+    net.params["conv"][0].data[1, 0, 1:-1, 1:-1] = sobel
+    net.params["conv"][0].data[2, 0, 1:-1, 1:-1] = sobel.T
+    net.forward()
+    out = net.blobs["conv"].data[0]
+    np.testing.assert_allclose(out[0], _correlate_valid(im, gaussian) + 1, atol=1e-5)
+    np.testing.assert_allclose(out[1], _correlate_valid(im, np.pad(sobel, 1)), atol=1e-5)
+    np.testing.assert_allclose(out[2], _correlate_valid(im, np.pad(sobel.T, 1)), atol=1e-5)
+
+    # casting a classifier into a fully convolutional net
+    deploy = tmp_path / "deploy.prototxt"
+    deploy.write_text(FC_DEPLOY % (FC_LAYERS, ""))
+    full_conv = tmp_path / "full_conv.prototxt"
+    full_conv.write_text((FC_DEPLOY % (CONV_LAYERS, "-conv")).replace("dim: 12 dim: 12",
+                                                                       "dim: 20 dim: 20"))
+    weights = _random_weights(str(deploy), tmp_path / "small.caffemodel")
+    net = caffe.Net(str(deploy), weights, caffe.TEST)
+    params = ["fc6", "fc7", "fc8"]
+    fc_params = {pr: (net.params[pr][0].data, net.params[pr][1].data) for pr in params}
+    net_full_conv = caffe.Net(str(full_conv), weights, caffe.TEST)
+    params_full_conv = ["fc6-conv", "fc7-conv", "fc8-conv"]
+    conv_params = {pr: (net_full_conv.params[pr][0].data, net_full_conv.params[pr][1].data)
+                   for pr in params_full_conv}
+    for pr, pr_conv in zip(params, params_full_conv):
+        conv_params[pr_conv][0].flat = fc_params[pr][0].flat
+        conv_params[pr_conv][1][...] = fc_params[pr][1]
+    net_full_conv.save(str(tmp_path / "full_conv.caffemodel"))
+    im = caffe.io.load_image(_write_jpeg(tmp_path / "cat.jpg", rng, 30, 30))
+    transformer = caffe.io.Transformer({"data": net_full_conv.blobs["data"].data.shape})
+    transformer.set_mean("data", np.array([0.4, 0.5, 0.6]))
+    transformer.set_transpose("data", (2, 0, 1))
+    transformer.set_channel_swap("data", (2, 1, 0))
+    transformer.set_raw_scale("data", 255.0)
+    data = np.asarray([transformer.preprocess("data", im)])
+    out = net_full_conv.forward_all(data=data)
+    assert out["prob"].shape == (1, 5, 5, 5)
+    reloaded = caffe.Net(str(full_conv), str(tmp_path / "full_conv.caffemodel"), caffe.TEST)
+    np.testing.assert_allclose(reloaded.forward_all(data=data)["prob"], out["prob"], atol=1e-6)
+    for i, j in ((0, 0), (1, 2), (4, 3)):      # each output is the classifier on a window
+        window = data[:, :, 2 * i:2 * i + 12, 2 * j:2 * j + 12]
+        np.testing.assert_allclose(out["prob"][0, :, i, j],
+                                   net.forward(data=window)["prob"][0], rtol=1e-4, atol=1e-6)
