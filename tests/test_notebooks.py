@@ -497,3 +497,196 @@ def test_net_surgery(tmp_path):
         window = data[:, :, 2 * i:2 * i + 12, 2 * j:2 * j + 12]
         np.testing.assert_allclose(out["prob"][0, :, i, j],
                                    net.forward(data=window)["prob"][0], rtol=1e-4, atol=1e-6)
+
+
+# -- 02-fine-tuning ---------------------------------------------------------------------
+# CaffeNet's layers with narrower widths (96, 256, 384, 4096 -> 8, 8, 8, 16).
+WIDTH = {96: 8, 256: 8, 384: 8, 4096: 16}
+
+
+def _style_data(tmp_path, rng, count=12, classes=5):
+    lines = []
+    for i in range(count):
+        path = _write_jpeg(tmp_path / f"style{i}.jpg", rng, 64, 80)
+        lines.append(f"{path} {i % classes}\n")
+    for subset in ("train", "test"):
+        (tmp_path / f"{subset}.txt").write_text("".join(lines))
+    mean = caffe.io.array_to_blobproto((rng.random((1, 3, 256, 256)) * 20 + 110))
+    (tmp_path / "imagenet_mean.binaryproto").write_bytes(mean.SerializeToString())
+
+
+def test_02_fine_tuning(tmp_path):
+    rng = np.random.default_rng(2)
+    _style_data(tmp_path, rng)
+    NUM_STYLE_LABELS = 5
+    weight_param = dict(lr_mult=1, decay_mult=1)
+    bias_param = dict(lr_mult=2, decay_mult=0)
+    learned_param = [weight_param, bias_param]
+    frozen_param = [dict(lr_mult=0)] * 2
+
+    def conv_relu(bottom, ks, nout, stride=1, pad=0, group=1, param=learned_param,
+                  weight_filler=dict(type="gaussian", std=0.01),
+                  bias_filler=dict(type="constant", value=0.1)):
+        conv = L.Convolution(bottom, kernel_size=ks, stride=stride, num_output=WIDTH[nout],
+                             pad=pad, group=group, param=param, weight_filler=weight_filler,
+                             bias_filler=bias_filler)
+        return conv, L.ReLU(conv, in_place=True)
+
+    def fc_relu(bottom, nout, param=learned_param,
+                weight_filler=dict(type="gaussian", std=0.005),
+                bias_filler=dict(type="constant", value=0.1)):
+        fc = L.InnerProduct(bottom, num_output=WIDTH[nout], param=param,
+                            weight_filler=weight_filler, bias_filler=bias_filler)
+        return fc, L.ReLU(fc, in_place=True)
+
+    def max_pool(bottom, ks, stride=1):
+        return L.Pooling(bottom, pool=P.Pooling.MAX, kernel_size=ks, stride=stride)
+
+    def caffenet(data, label=None, train=True, num_classes=1000, classifier_name="fc8",
+                 learn_all=False):
+        n = caffe.NetSpec()
+        n.data = data
+        param = learned_param if learn_all else frozen_param
+        n.conv1, n.relu1 = conv_relu(n.data, 11, 96, stride=4, param=param)
+        n.pool1 = max_pool(n.relu1, 3, stride=2)
+        n.norm1 = L.LRN(n.pool1, local_size=5, alpha=1e-4, beta=0.75)
+        n.conv2, n.relu2 = conv_relu(n.norm1, 5, 256, pad=2, group=2, param=param)
+        n.pool2 = max_pool(n.relu2, 3, stride=2)
+        n.norm2 = L.LRN(n.pool2, local_size=5, alpha=1e-4, beta=0.75)
+        n.conv3, n.relu3 = conv_relu(n.norm2, 3, 384, pad=1, param=param)
+        n.conv4, n.relu4 = conv_relu(n.relu3, 3, 384, pad=1, group=2, param=param)
+        n.conv5, n.relu5 = conv_relu(n.relu4, 3, 256, pad=1, group=2, param=param)
+        n.pool5 = max_pool(n.relu5, 3, stride=2)
+        n.fc6, n.relu6 = fc_relu(n.pool5, 4096, param=param)
+        if train:
+            n.drop6 = fc7input = L.Dropout(n.relu6, in_place=True)
+        else:
+            fc7input = n.relu6
+        n.fc7, n.relu7 = fc_relu(fc7input, 4096, param=param)
+        if train:
+            n.drop7 = fc8input = L.Dropout(n.relu7, in_place=True)
+        else:
+            fc8input = n.relu7
+        fc8 = L.InnerProduct(fc8input, num_output=num_classes, param=learned_param)
+        n.__setattr__(classifier_name, fc8)
+        if not train:
+            n.probs = L.Softmax(fc8)
+        if label is not None:
+            n.label = label
+            n.loss = L.SoftmaxWithLoss(fc8, n.label)
+            n.acc = L.Accuracy(fc8, n.label)
+        with tempfile.NamedTemporaryFile("w", delete=False, dir=tmp_path,
+                                         suffix=".prototxt") as f:
+            f.write(str(n.to_proto()))
+            return f.name
+
+    dummy_data = L.DummyData(shape=dict(dim=[1, 3, 227, 227]))
+    imagenet_net_filename = caffenet(data=dummy_data, train=False)
+    weights = _random_weights(imagenet_net_filename, tmp_path / "caffenet.caffemodel")
+    imagenet_net = caffe.Net(imagenet_net_filename, weights, caffe.TEST)
+
+    def style_net(train=True, learn_all=False, subset=None):
+        if subset is None:
+            subset = "train" if train else "test"
+        source = str(tmp_path / f"{subset}.txt")
+        transform_param = dict(mirror=train, crop_size=227,
+                               mean_file=str(tmp_path / "imagenet_mean.binaryproto"))
+        style_data, style_label = L.ImageData(transform_param=transform_param, source=source,
+                                              batch_size=4, new_height=256, new_width=256,
+                                              ntop=2)
+        return caffenet(data=style_data, label=style_label, train=train,
+                        num_classes=NUM_STYLE_LABELS, classifier_name="fc8_flickr",
+                        learn_all=learn_all)
+
+    untrained_style_net = caffe.Net(style_net(train=False, subset="train"), weights,
+                                    caffe.TEST)
+    untrained_style_net.forward()
+    style_data_batch = untrained_style_net.blobs["data"].data.copy()
+    style_label_batch = np.array(untrained_style_net.blobs["label"].data, dtype=np.int32)
+    assert list(style_label_batch) == [0, 1, 2, 3]
+
+    def disp_preds(net, image, k=5):
+        net.blobs["data"].data[0, ...] = image
+        probs = net.forward(start="conv1")["probs"][0]
+        return (-probs).argsort()[:k], probs
+
+    image = style_data_batch[0]
+    top, probs = disp_preds(imagenet_net, image)
+    assert probs.shape == (1000,) and probs[top[0]] == probs.max()
+    style_top, style_probs = disp_preds(untrained_style_net, image, k=3)
+    assert style_probs.shape == (NUM_STYLE_LABELS,)
+    diff = untrained_style_net.blobs["fc7"].data[0] - imagenet_net.blobs["fc7"].data[0]
+    assert (diff ** 2).sum() < 1e-8                  # the same layers, the same weights
+    del untrained_style_net
+
+    def solver(train_net_path, test_net_path=None, base_lr=0.001):
+        s = caffe_pb2.SolverParameter()
+        s.train_net = train_net_path
+        if test_net_path is not None:
+            s.test_net.append(test_net_path)
+            s.test_interval = 1000
+            s.test_iter.append(100)
+        s.iter_size = 1
+        s.max_iter = 100000
+        s.lr_policy = "step"
+        s.gamma = 0.1
+        s.stepsize = 20000
+        s.momentum = 0.9
+        s.weight_decay = 5e-4
+        s.base_lr = base_lr
+        s.display = 1000
+        s.snapshot = 10000
+        s.snapshot_prefix = str(tmp_path / "finetune_flickr_style")
+        s.solver_mode = caffe_pb2.SolverParameter.GPU
+        with tempfile.NamedTemporaryFile("w", delete=False, dir=tmp_path) as f:
+            f.write(str(s))
+            return f.name
+
+    def run_solvers(niter, solvers, disp_interval=10):
+        blobs = ("loss", "acc")
+        loss, acc = ({name: np.zeros(niter) for name, _ in solvers} for _ in blobs)
+        for it in range(niter):
+            for name, s in solvers:
+                s.step(1)
+                loss[name][it], acc[name][it] = (s.net.blobs[b].data.copy() for b in blobs)
+        weight_dir = tempfile.mkdtemp(dir=tmp_path)
+        weights = {}
+        for name, s in solvers:
+            filename = "weights.%s.caffemodel" % name
+            weights[name] = os.path.join(weight_dir, filename)
+            s.net.save(weights[name])
+        return loss, acc, weights
+
+    niter = 3
+    style_solver = caffe.get_solver(solver(style_net(train=True)))
+    style_solver.net.copy_from(weights)
+    scratch_style_solver = caffe.get_solver(solver(style_net(train=True)))
+    conv1_before = style_solver.net.params["conv1"][0].data.copy()
+    fc8_before = style_solver.net.params["fc8_flickr"][0].data.copy()
+    np.testing.assert_array_equal(conv1_before, imagenet_net.params["conv1"][0].data)
+    solvers = [("pretrained", style_solver), ("scratch", scratch_style_solver)]
+    loss, acc, finetuned = run_solvers(niter, solvers)
+    assert np.all(np.isfinite(loss["pretrained"])) and np.all(np.isfinite(loss["scratch"]))
+    np.testing.assert_array_equal(style_solver.net.params["conv1"][0].data, conv1_before)
+    assert not np.array_equal(style_solver.net.params["fc8_flickr"][0].data, fc8_before)
+    del style_solver, scratch_style_solver, solvers
+
+    def eval_style_net(weights, test_iters=2):
+        test_net = caffe.Net(style_net(train=False), weights, caffe.TEST)
+        accuracy = 0
+        for _ in range(test_iters):
+            accuracy += test_net.forward()["acc"]
+            by_hand = (test_net.blobs["fc8_flickr"].data.argmax(1)
+                       == test_net.blobs["label"].data).mean()
+            assert test_net.blobs["acc"].data == pytest.approx(by_hand)
+        accuracy /= test_iters
+        return test_net, accuracy
+
+    test_net, accuracy = eval_style_net(finetuned["pretrained"])
+    assert 0 <= accuracy <= 1
+    np.testing.assert_array_equal(test_net.params["conv1"][0].data, conv1_before)
+
+    end_to_end = caffe.get_solver(solver(style_net(train=True, learn_all=True)))
+    end_to_end.net.copy_from(finetuned["pretrained"])
+    run_solvers(1, [("end-to-end", end_to_end)])
+    assert not np.array_equal(end_to_end.net.params["conv1"][0].data, conv1_before)
