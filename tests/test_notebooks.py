@@ -690,3 +690,223 @@ def test_02_fine_tuning(tmp_path):
     end_to_end.net.copy_from(finetuned["pretrained"])
     run_solvers(1, [("end-to-end", end_to_end)])
     assert not np.array_equal(end_to_end.net.params["conv1"][0].data, conv1_before)
+
+
+# -- pascal-multilabel-with-datalayer -------------------------------------------------
+CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+           "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+           "sheep", "sofa", "train", "tvmonitor"]
+
+# The notebook's data layer module, as a local file: a Python layer that reads a
+# VOC-style folder (JPEGImages/, ImageSets/Main/<split>.txt, and, instead of the XML
+# annotations, Annotations/<id>.txt with one class name a line).
+DATALAYER = '''
+import os
+import cv2
+import numpy as np
+import caffe
+
+CLASSES = %r
+
+
+class SimpleTransformer:
+    def __init__(self, mean=(128, 128, 128)):
+        self.mean = np.array(mean, dtype=np.float32)
+        self.scale = 1.0
+
+    def preprocess(self, im):
+        im = np.float32(im)
+        im = im[:, :, ::-1]            # RGB -> BGR
+        im -= self.mean
+        im *= self.scale
+        return im.transpose((2, 0, 1))
+
+
+class BatchLoader:
+    def __init__(self, params, result):
+        self.batch_size = params["batch_size"]
+        self.pascal_root = params["pascal_root"]
+        self.im_shape = params["im_shape"]
+        list_file = os.path.join(self.pascal_root, "ImageSets/Main", params["split"] + ".txt")
+        self.indexlist = [line.rstrip("\\n") for line in open(list_file)]
+        self._cur = 0
+        self.transformer = SimpleTransformer()
+
+    def load_next_image(self):
+        if self._cur == len(self.indexlist):
+            self._cur = 0
+        index = self.indexlist[self._cur]
+        rgb = cv2.imread(os.path.join(self.pascal_root, "JPEGImages", index + ".jpg"))[:, :, ::-1]
+        im = cv2.resize(rgb, (self.im_shape[1], self.im_shape[0]))
+        multilabel = np.zeros(20).astype(np.float32)
+        for name in open(os.path.join(self.pascal_root, "Annotations", index + ".txt")):
+            multilabel[CLASSES.index(name.strip())] = 1
+        self._cur += 1
+        return self.transformer.preprocess(im), multilabel
+
+
+class PascalMultilabelDataLayerSync(caffe.Layer):
+    def setup(self, bottom, top):
+        self.top_names = ["data", "label"]
+        params = eval(self.param_str)
+        self.batch_size = params["batch_size"]
+        self.batch_loader = BatchLoader(params, None)
+        top[0].reshape(self.batch_size, 3, params["im_shape"][0], params["im_shape"][1])
+        top[1].reshape(self.batch_size, 20)
+
+    def forward(self, bottom, top):
+        for itt in range(self.batch_size):
+            im, multilabel = self.batch_loader.load_next_image()
+            top[0].data[itt, ...] = im
+            top[1].data[itt, ...] = multilabel
+
+    def reshape(self, bottom, top):
+        pass
+
+    def backward(self, top, propagate_down, bottom):
+        pass
+''' % (CLASSES,)
+
+
+class CaffeSolver:
+    """The notebook's tools.CaffeSolver: a dict of solver fields written as prototxt."""
+
+    def __init__(self, testnet_prototxt_path, trainnet_prototxt_path):
+        self.sp = {"base_lr": "0.001", "momentum": "0.9", "test_iter": "100",
+                   "test_interval": "250", "display": "25", "snapshot": "2500",
+                   "snapshot_prefix": '"snapshot"', "lr_policy": '"fixed"', "gamma": "0.1",
+                   "weight_decay": "0.0005", "train_net": '"%s"' % trainnet_prototxt_path,
+                   "test_net": '"%s"' % testnet_prototxt_path, "max_iter": "100000",
+                   "test_initialization": "false", "average_loss": "25", "iter_size": "1"}
+
+    def write(self, filepath):
+        with open(filepath, "w") as f:
+            for key, value in sorted(self.sp.items()):
+                f.write("%s: %s\n" % (key, value))
+
+
+@pytest.fixture
+def aliased_caffe():
+    saved = {k: v for k, v in sys.modules.items() if k == "caffe" or k.startswith("caffe.")}
+    caffe.alias()
+    yield
+    for key in [k for k in sys.modules if k == "caffe" or k.startswith("caffe.")]:
+        del sys.modules[key]
+    sys.modules.update(saved)
+    sys.modules.pop("pascal_multilabel_datalayers", None)
+
+
+def test_pascal_multilabel_with_datalayer(tmp_path, monkeypatch, aliased_caffe):
+    rng = np.random.default_rng(8)
+    pascal_root = tmp_path / "VOC2012"
+    for sub in ("JPEGImages", "ImageSets/Main", "Annotations"):
+        (pascal_root / sub).mkdir(parents=True)
+    ids = [f"2008_{i:06d}" for i in range(10)]
+    truth = {}
+    for index in ids:
+        _write_jpeg(pascal_root / "JPEGImages" / f"{index}.jpg", rng, 60, 70)
+        names = sorted(set(rng.choice(CLASSES, size=int(rng.integers(1, 4)))))
+        (pascal_root / "Annotations" / f"{index}.txt").write_text("\n".join(names) + "\n")
+        truth[index] = names
+    (pascal_root / "ImageSets/Main/train.txt").write_text("\n".join(ids[:6]) + "\n")
+    (pascal_root / "ImageSets/Main/val.txt").write_text("\n".join(ids[6:]) + "\n")
+    layers_dir = tmp_path / "layers"
+    layers_dir.mkdir()
+    (layers_dir / "pascal_multilabel_datalayers.py").write_text(DATALAYER)
+    monkeypatch.syspath_prepend(str(layers_dir))
+
+    import caffe as aliased
+    from caffe import layers as L, params as P   # noqa: F811  (as the notebook imports)
+    assert aliased is caffe
+    caffe.set_mode_gpu()
+    caffe.set_device(0)
+
+    def conv_relu(bottom, ks, nout, stride=1, pad=0, group=1):
+        conv = L.Convolution(bottom, kernel_size=ks, stride=stride, num_output=WIDTH[nout],
+                             pad=pad, group=group, weight_filler=dict(type="xavier"))
+        return conv, L.ReLU(conv, in_place=True)
+
+    def fc_relu(bottom, nout):
+        fc = L.InnerProduct(bottom, num_output=WIDTH[nout], weight_filler=dict(type="xavier"))
+        return fc, L.ReLU(fc, in_place=True)
+
+    def max_pool(bottom, ks, stride=1):
+        return L.Pooling(bottom, pool=P.Pooling.MAX, kernel_size=ks, stride=stride)
+
+    def caffenet_multilabel(data_layer_params, datalayer):
+        n = caffe.NetSpec()
+        n.data, n.label = L.Python(module="pascal_multilabel_datalayers", layer=datalayer,
+                                   ntop=2, param_str=str(data_layer_params))
+        n.conv1, n.relu1 = conv_relu(n.data, 11, 96, stride=4)
+        n.pool1 = max_pool(n.relu1, 3, stride=2)
+        n.norm1 = L.LRN(n.pool1, local_size=5, alpha=1e-4, beta=0.75)
+        n.conv2, n.relu2 = conv_relu(n.norm1, 5, 256, pad=2, group=2)
+        n.pool2 = max_pool(n.relu2, 3, stride=2)
+        n.norm2 = L.LRN(n.pool2, local_size=5, alpha=1e-4, beta=0.75)
+        n.conv3, n.relu3 = conv_relu(n.norm2, 3, 384, pad=1)
+        n.conv4, n.relu4 = conv_relu(n.relu3, 3, 384, pad=1, group=2)
+        n.conv5, n.relu5 = conv_relu(n.relu4, 3, 256, pad=1, group=2)
+        n.pool5 = max_pool(n.relu5, 3, stride=2)
+        n.fc6, n.relu6 = fc_relu(n.pool5, 4096)
+        n.drop6 = L.Dropout(n.relu6, in_place=True)
+        n.fc7, n.relu7 = fc_relu(n.drop6, 4096)
+        n.drop7 = L.Dropout(n.relu7, in_place=True)
+        n.score = L.InnerProduct(n.drop7, num_output=20)
+        n.loss = L.SigmoidCrossEntropyLoss(n.score, n.label)
+        return str(n.to_proto())
+
+    workdir = str(tmp_path / "pascal_multilabel_with_datalayer")
+    os.makedirs(workdir)
+    solverprototxt = CaffeSolver(trainnet_prototxt_path=os.path.join(workdir, "trainnet.prototxt"),
+                                 testnet_prototxt_path=os.path.join(workdir, "valnet.prototxt"))
+    solverprototxt.sp["display"] = "1"
+    solverprototxt.sp["base_lr"] = "0.0001"
+    solverprototxt.write(os.path.join(workdir, "solver.prototxt"))
+    with open(os.path.join(workdir, "trainnet.prototxt"), "w") as f:
+        data_layer_params = dict(batch_size=4, im_shape=[227, 227], split="train",
+                                 pascal_root=str(pascal_root))
+        f.write(caffenet_multilabel(data_layer_params, "PascalMultilabelDataLayerSync"))
+    with open(os.path.join(workdir, "valnet.prototxt"), "w") as f:
+        data_layer_params = dict(batch_size=4, im_shape=[227, 227], split="val",
+                                 pascal_root=str(pascal_root))
+        f.write(caffenet_multilabel(data_layer_params, "PascalMultilabelDataLayerSync"))
+    try:
+        solver = caffe.SGDSolver(os.path.join(workdir, "solver.prototxt"))
+    finally:
+        caffe.set_mode_cpu()
+    pretrained = tmp_path / "caffenet.caffemodel"
+    solver.net.save(str(pretrained))            # "pretrained" weights, by name
+    solver.net.copy_from(str(pretrained))
+    solver.test_nets[0].share_with(solver.net)
+    solver.step(1)
+
+    gtlist = solver.net.blobs["label"].data[0, ...].astype(int)
+    assert [CLASSES[i] for i in np.where(gtlist)[0]] == truth[ids[0]]
+    first = cv2.resize(cv2.imread(str(pascal_root / "JPEGImages" / f"{ids[0]}.jpg")),
+                       (227, 227)).astype(np.float32) - 128
+    np.testing.assert_allclose(solver.net.blobs["data"].data[0], first.transpose(2, 0, 1))
+
+    def hamming_distance(gt, est):
+        return sum([1 for (g, e) in zip(gt, est) if g == e]) / float(len(gt))
+
+    def check_accuracy(net, num_batches, batch_size=4):
+        acc = 0.0
+        for t in range(num_batches):
+            net.forward()
+            gts = net.blobs["label"].data
+            ests = net.blobs["score"].data > 0
+            for gt, est in zip(gts, ests):
+                acc += hamming_distance(gt, est)
+        return acc / (num_batches * batch_size)
+
+    for itt in range(2):
+        solver.step(2)
+        accuracy = check_accuracy(solver.test_nets[0], 1)
+        scores = solver.test_nets[0].blobs["score"].data
+        labels = solver.test_nets[0].blobs["label"].data
+        assert accuracy == pytest.approx(((scores > 0) == labels).mean())
+    test_net = solver.test_nets[0]
+    np.testing.assert_array_equal(test_net.params["conv1"][0].data,
+                                  solver.net.params["conv1"][0].data)   # shared
+    estlist = test_net.blobs["score"].data[0, ...] > 0
+    assert estlist.shape == (20,)
