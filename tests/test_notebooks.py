@@ -910,3 +910,115 @@ def test_pascal_multilabel_with_datalayer(tmp_path, monkeypatch, aliased_caffe):
                                   solver.net.params["conv1"][0].data)   # shared
     estlist = test_net.blobs["score"].data[0, ...] > 0
     assert estlist.shape == (20,)
+
+
+# -- Google's deep dream ----------------------------------------------------------------
+DREAM_DEPLOY = """
+name: "dreamnet"
+input: "data"
+input_shape { dim: 10 dim: 3 dim: 32 dim: 32 }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 6 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.05 } bias_filler { type: "constant" value: 0.01 } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
+  convolution_param { num_output: 6 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
+layer { name: "fc" type: "InnerProduct" bottom: "conv2" top: "fc" inner_product_param { num_output: 10 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
+"""
+
+
+def test_deepdream(tmp_path):
+    nd = pytest.importorskip("scipy.ndimage")
+    rng = np.random.default_rng(9)
+    net_fn = str(tmp_path / "deploy.prototxt")
+    open(net_fn, "w").write(DREAM_DEPLOY)
+    param_fn = _random_weights(net_fn, tmp_path / "dream.caffemodel", seed=5)
+    model = caffe_pb2.NetParameter()
+    text_format.Merge(open(net_fn).read(), model)
+    model.force_backward = True
+    open(str(tmp_path / "tmp.prototxt"), "w").write(str(model))
+    net = caffe.Classifier(str(tmp_path / "tmp.prototxt"), param_fn,
+                           mean=np.float32([104.0, 116.0, 122.0]),
+                           channel_swap=(2, 1, 0))
+
+    def preprocess(net, img):
+        return np.float32(np.rollaxis(img, 2)[::-1]) - net.transformer.mean["data"]
+
+    def deprocess(net, img):
+        return np.dstack((img + net.transformer.mean["data"])[::-1])
+
+    def objective_L2(dst):
+        dst.diff[:] = dst.data
+
+    def make_step(net, step_size=1.5, end="conv2", jitter=32, clip=True,
+                  objective=objective_L2):
+        src = net.blobs["data"]
+        dst = net.blobs[end]
+        ox, oy = np.random.randint(-jitter, jitter + 1, 2)
+        src.data[0] = np.roll(np.roll(src.data[0], ox, -1), oy, -2)
+        net.forward(end=end)
+        objective(dst)
+        net.backward(start=end)
+        g = src.diff[0]
+        src.data[:] += step_size / np.abs(g).mean() * g
+        src.data[0] = np.roll(np.roll(src.data[0], -ox, -1), -oy, -2)
+        if clip:
+            bias = net.transformer.mean["data"]
+            src.data[:] = np.clip(src.data, -bias, 255 - bias)
+
+    def deepdream(net, base_img, iter_n=3, octave_n=2, octave_scale=1.4, end="conv2",
+                  clip=True, **step_params):
+        octaves = [preprocess(net, base_img)]
+        for i in range(octave_n - 1):
+            octaves.append(nd.zoom(octaves[-1], (1, 1.0 / octave_scale, 1.0 / octave_scale),
+                                   order=1))
+        src = net.blobs["data"]
+        detail = np.zeros_like(octaves[-1])
+        for octave, octave_base in enumerate(octaves[::-1]):
+            h, w = octave_base.shape[-2:]
+            if octave > 0:
+                h1, w1 = detail.shape[-2:]
+                detail = nd.zoom(detail, (1, 1.0 * h / h1, 1.0 * w / w1), order=1)
+            src.reshape(1, 3, h, w)
+            src.data[0] = octave_base + detail
+            for i in range(iter_n):
+                make_step(net, end=end, clip=clip, **step_params)
+                vis = deprocess(net, src.data[0])
+                if not clip:
+                    vis = vis * (255.0 / np.percentile(vis, 99.98))
+            detail = src.data[0] - octave_base
+        return deprocess(net, src.data[0])
+
+    img = np.float32(rng.random((40, 44, 3)) * 255)
+
+    # one step, checked against torch autograd of 0.5 * |conv2|^2 (no jitter)
+    src = net.blobs["data"]
+    src.reshape(1, 3, 40, 44)
+    src.data[0] = preprocess(net, img)
+    x = torch.tensor(src.data.copy(), requires_grad=True)
+    w1, b1 = (torch.tensor(p.data) for p in net.params["conv1"])
+    w2, b2 = (torch.tensor(p.data) for p in net.params["conv2"])
+    hidden = torch.nn.functional.max_pool2d(torch.relu(torch.conv2d(x, w1, b1, padding=1)), 2)
+    out = torch.relu(torch.conv2d(hidden, w2, b2, padding=1))
+    (0.5 * (out ** 2).sum()).backward()
+    before = src.data.copy()
+    make_step(net, jitter=0, step_size=1.0)
+    g = x.grad.numpy()
+    expected = np.clip(before + g / np.abs(g[0]).mean(), -net.transformer.mean["data"],
+                       255 - net.transformer.mean["data"])
+    np.testing.assert_allclose(src.data, expected, rtol=1e-4, atol=1e-3)
+
+    def energy(image):
+        net.blobs["data"].reshape(1, 3, *image.shape[:2])
+        net.blobs["data"].data[0] = preprocess(net, image)
+        net.forward(end="conv2")
+        return float((net.blobs["conv2"].data ** 2).sum())
+
+    np.random.seed(0)
+    frame = deepdream(net, img)
+    assert frame.shape == img.shape
+    assert energy(frame) > energy(img)                 # the dream amplified conv2
+    frame = deepdream(net, img, end="conv1", octave_n=1, iter_n=2, jitter=4)
+    assert frame.shape == img.shape
