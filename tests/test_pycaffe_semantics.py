@@ -436,3 +436,35 @@ def test_layer_wrapper_reshape_and_blobs(net_file):
     net.blobs["conv"].reshape(2, 4, 4, 4)
     layer.reshape([net.blobs["conv"]], [net.blobs["ip"]])
     assert net.blobs["ip"].shape == (2, 5)
+
+
+def test_backward_after_writing_an_input_reads_the_blobs_as_they_are(net_file):
+    net = protonet.Net(net_file(), protonet.TRAIN)
+    feed(net, 17)
+    net.forward()
+    x2 = np.random.RandomState(18).randn(3, 2, 6, 6).astype(np.float32)
+    net.blobs["data"].data = x2            # memory the forward's graph saved
+    net.clear_param_diffs()
+    net.backward()                         # no torch error: conv's backward reads x2
+    g = net.blobs["conv"].diff
+    expected = torch.nn.grad.conv2d_weight(torch.from_numpy(x2), (4, 2, 3, 3),
+                                           torch.from_numpy(g.copy()))
+    np.testing.assert_allclose(net.params["conv"][0].diff, expected.numpy(), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_snapshot_and_restore_round_trip(net_file, tmp_path):
+    solver_file = tmp_path / "solver.prototxt"
+    solver_file.write_text(f'net: "{net_file()}" base_lr: 0.1 momentum: 0.9 '
+                           f'lr_policy: "fixed" display: 0 snapshot_after_train: false '
+                           f'snapshot_prefix: "{tmp_path}/snap"')
+    solver = protonet.SGDSolver(str(solver_file))
+    solver.net.blobs["label"].data[...] = [0, 1, 2]
+    solver.step(2)
+    state = solver.snapshot()
+    weights = solver.net.params["conv"][0].data.copy()
+    solver.step(1)
+    other = protonet.SGDSolver(str(solver_file))
+    other.restore(state)
+    assert other.iter == 2
+    np.testing.assert_array_equal(other.net.params["conv"][0].data, weights)
