@@ -448,11 +448,29 @@ class Net:
 
     def _backward_layer(self, index: int) -> None:
         """One layer's Backward: top diffs -> bottom diffs (written) and param diffs
-        (added), through autograd on the layer's own graph."""
-        step = self.module.steps[index]
-        segment = self._segments.get(index) or self._replay(index)
+        (added), through autograd on the layer's own graph: the last forward's, or
+        one rebuilt from the stored blobs when there is none or a script wrote into
+        memory that graph saved (Caffe's Backward reads the blobs as they are now)."""
+        layer = self.module.layers[self.module.steps[index].layer]
+        segment = self._segments.get(index)
+        try:
+            try:
+                self._backward_through(index, segment or self._replay(index))
+            except RuntimeError as e:
+                if segment is None or "modified by an inplace operation" not in str(e):
+                    raise
+                self._segments.pop(index, None)
+                self._backward_through(index, self._replay(index))
+        except ProtonetError:
+            raise
+        except (RuntimeError, ValueError, IndexError, ZeroDivisionError) as e:
+            raise also_a(NetError(f"backward failed: {type(e).__name__}: {e}",
+                                  layer.layer_name, layer.type), RuntimeError) from e
+
+    def _backward_through(self, index: int, segment) -> None:
         if segment is None:
             return
+        step = self.module.steps[index]
         leaves, tops = segment
         wanted = [(b, leaf) for b, leaf in zip(step.bottoms, leaves) if leaf.requires_grad]
         params = _unique([p for p in _leaves_of(self.module.layers[step.layer])
