@@ -924,16 +924,26 @@ layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param
 layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
   convolution_param { num_output: 6 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.1 } } }
 layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
+"""
+DREAM_HEAD = """
 layer { name: "fc" type: "InnerProduct" bottom: "conv2" top: "fc" inner_product_param { num_output: 10 weight_filler { type: "gaussian" std: 0.1 } } }
 layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
 """
 
 
-def test_deepdream(tmp_path):
+@pytest.mark.parametrize("classifier_head", [
+    False,
+    pytest.param(True, marks=pytest.mark.xfail(
+        strict=True, raises=__import__("protonet").ShapeError,
+        reason="Net.forward(end=...) after an input reshape re-infers the shapes of the "
+               "whole net, so an InnerProduct after `end` (GoogLeNet's classifier) "
+               "rejects the new size; Caffe reshapes only the layers that run")),
+])
+def test_deepdream(tmp_path, classifier_head):
     nd = pytest.importorskip("scipy.ndimage")
     rng = np.random.default_rng(9)
     net_fn = str(tmp_path / "deploy.prototxt")
-    open(net_fn, "w").write(DREAM_DEPLOY)
+    open(net_fn, "w").write(DREAM_DEPLOY + (DREAM_HEAD if classifier_head else ""))
     param_fn = _random_weights(net_fn, tmp_path / "dream.caffemodel", seed=5)
     model = caffe_pb2.NetParameter()
     text_format.Merge(open(net_fn).read(), model)
@@ -993,7 +1003,8 @@ def test_deepdream(tmp_path):
 
     img = np.float32(rng.random((40, 44, 3)) * 255)
 
-    # one step, checked against torch autograd of 0.5 * |conv2|^2 (no jitter)
+    # one step, checked against torch autograd of 0.5 * |conv2|^2 (no jitter); end is
+    # the layer conv2, so its top holds the values before the in-place relu2
     src = net.blobs["data"]
     src.reshape(1, 3, 40, 44)
     src.data[0] = preprocess(net, img)
@@ -1001,7 +1012,7 @@ def test_deepdream(tmp_path):
     w1, b1 = (torch.tensor(p.data) for p in net.params["conv1"])
     w2, b2 = (torch.tensor(p.data) for p in net.params["conv2"])
     hidden = torch.nn.functional.max_pool2d(torch.relu(torch.conv2d(x, w1, b1, padding=1)), 2)
-    out = torch.relu(torch.conv2d(hidden, w2, b2, padding=1))
+    out = torch.conv2d(hidden, w2, b2, padding=1)      # layer conv2: relu2 comes after
     (0.5 * (out ** 2).sum()).backward()
     before = src.data.copy()
     make_step(net, jitter=0, step_size=1.0)
