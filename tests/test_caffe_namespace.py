@@ -300,6 +300,9 @@ def test_resize_image_orders_range_and_channels():
     np.testing.assert_allclose(up[:, :, 0], expected, atol=1e-5)
     near = caffe.io.resize_image(im, (4, 4), interp_order=0)
     np.testing.assert_array_equal(near[:, :, 0], np.repeat(np.repeat(im[:, :, 0], 2, 0), 2, 1))
+    grid = np.arange(36, dtype=np.float64).reshape(6, 6, 1)
+    third = caffe.io.resize_image(grid, (2, 3), interp_order=0)   # the pixel under each centre
+    np.testing.assert_allclose(third[:, :, 0], grid[[1, 4]][:, [1, 3, 5], 0], atol=1e-5)
     const = caffe.io.resize_image(np.full((3, 3, 3), -2.5), (5, 7))
     assert const.shape == (5, 7, 3) and np.all(const == -2.5)
     many = np.random.default_rng(1).random((6, 6, 5)) * 100 - 50  # not 1 or 3 channels
