@@ -3,13 +3,13 @@ and BlobProto / Datum conversions.
 
 Images are decoded and resized by OpenCV rather than scikit-image (not a protonet
 dependency). What callers see is pycaffe's: `load_image` gives float32 RGB (or
-intensity) in [0, 1], H x W x 3 (or x 1); `resize_image` keeps the value range
-and the pixel-centre grid of skimage's resize: orders 0 and 1 give skimage's
-values (checked against skimage 0.19 without anti-aliasing), except that enlarging does not blend the border with zeros (skimage's
-mode='constant' darkens a 1-pixel rim) and shrinking never smooths first
-(skimage >= 0.15 does by default); interp_order 2 to 5 use bicubic (4, 5:
-Lanczos) rather than splines.
-protonet's own file readers are protonet.io, a different module.
+intensity) in [0, 1], H x W x 3 (or x 1); `resize_image` keeps the value range and
+the pixel-centre grid of skimage's resize. Orders 0 and 1 give skimage's values
+(checked against skimage 0.19 without anti-aliasing), except that enlarging does
+not blend the border with zeros (skimage's mode='constant' darkens a 1-pixel rim)
+and shrinking never smooths first (skimage >= 0.15 does by default); orders 2 to 5
+use bicubic (4, 5: Lanczos) rather than splines. protonet's own file readers are
+protonet.io, a different module.
 """
 from __future__ import annotations
 
