@@ -621,13 +621,15 @@ def test_draw(tmp_path):
     text = raw.read_text()
     assert text.startswith("digraph") and "conv1" in text and "rankdir=TB" in text
     try:
-        import pydot  # noqa: F401
+        import pydot
     except ImportError:
         with pytest.raises(ProtonetError, match="pydot"):
             caffe.draw.get_pydot_graph(net, "LR")
     else:
         graph = caffe.draw.get_pydot_graph(net, "LR")
-        assert graph.get_rankdir() == "LR"
+        assert isinstance(graph, pydot.Dot) and graph.get_rankdir() == "LR"
+        # 6 layers and 6 blobs (data, label, conv1, pool1, ip, loss); 13 bottom and top edges
+        assert len(graph.get_nodes()) == 12 and len(graph.get_edges()) == 13
     import shutil
     if shutil.which("dot") is None:
         pytest.skip("Graphviz's dot is not installed")
