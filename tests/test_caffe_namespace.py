@@ -128,7 +128,8 @@ def test_python_m_runs_a_module(tmp_path):
 def test_nets_follow_the_global_mode(net_file, caplog):
     net = caffe.Net(net_file, caffe.TEST)
     assert net.device.type == "cpu"
-    assert isinstance(net, caffe.Net)
+    assert isinstance(net, caffe.Net) and issubclass(__import__("protonet").Net, caffe.Net)
+    assert not isinstance(net, caffe.Classifier)
     try:
         caffe.set_device(0)
         caffe.set_mode_gpu()

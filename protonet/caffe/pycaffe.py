@@ -22,6 +22,11 @@ class _NetType(type):
             return isinstance(obj, _core.Net)
         return super().__instancecheck__(obj)
 
+    def __subclasscheck__(cls, sub) -> bool:
+        if cls is Net:
+            return issubclass(sub, _core.Net)
+        return super().__subclasscheck__(sub)
+
 
 class Net(_core.Net, metaclass=_NetType):
     """pycaffe's Net: `Net(prototxt, phase)`, `Net(prototxt, weights, phase)` or
