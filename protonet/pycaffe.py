@@ -620,17 +620,18 @@ class Net:
         """A numpy view of the blob's data or diff; from now on new values are copied
         into that memory rather than replacing it, so the view stays current."""
         tensor = self._diff(blob_id) if diff else self._value(blob_id)
-        if tensor.requires_grad or tensor.grad_fn is not None:
+        shown = self._shown[int(diff)]
+        if blob_id not in shown and tensor.device.type == "cpu" and \
+                tensor.dtype == torch.float32:
+            # From now on the net owns this memory: a layer's top may be a view of
+            # memory the net does not own (MemoryData serves the caller's arrays),
+            # which later passes must not write into.
+            tensor = tensor.detach().clone()
+            shown.add(blob_id)
+        elif tensor.requires_grad or tensor.grad_fn is not None:
             tensor = tensor.detach()
-            if diff:
-                self._diffs[blob_id] = tensor
-            else:
-                self._values[blob_id] = tensor
-        array = _view(tensor)
-        if np.shares_memory(array, tensor.numpy()) if tensor.device.type == "cpu" and \
-                tensor.dtype == torch.float32 else False:
-            self._shown[int(diff)].add(blob_id)
-        return array
+        (self._diffs if diff else self._values)[blob_id] = tensor
+        return _view(tensor)
 
     def _store(self, blob_id: int, tensor: torch.Tensor, diff: bool = False) -> None:
         """Make `tensor` the blob's data (or diff): into its memory when a view of it

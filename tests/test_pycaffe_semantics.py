@@ -4,7 +4,6 @@ valid, in-place diffs, Backward from stored blobs, partial backward, and the
 exception types scripts catch. Each reference is computed independently in torch."""
 from __future__ import annotations
 
-import sys
 import textwrap
 
 import h5py
@@ -182,13 +181,11 @@ def test_backward_on_a_fresh_net_works_from_the_stored_blobs(net_file):
     g = np.random.RandomState(9).randn(3, 5).astype(np.float32)
     net.blobs["ip"].diff[...] = g
     diffs = net.backward(start="ip")       # no forward ever ran: zeros in, as Caffe
-    w = net.params["ip"][0].data
     # ReLU's mask on stored zeros is all-zero, so the input diff is zero...
     assert not diffs["data"].any()
     # ...but the ip layer's own backward used the stored (zero) bottom and weights
     np.testing.assert_allclose(net.blobs["conv"].diff, np.zeros((3, 4, 4, 4)))
     np.testing.assert_allclose(net.params["ip"][1].diff, g.sum(0), rtol=1e-5)
-    assert w.shape == (5, 64)
     net.backward()                         # the whole net, loss layer included: no error
 
 
@@ -428,7 +425,6 @@ layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
     np.testing.assert_array_equal(net.blobs["label"].data.ravel(), [0, 1])
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="posix paths")
 def test_layer_wrapper_reshape_and_blobs(net_file):
     net = protonet.Net(net_file(), protonet.TRAIN)
     layer = net.layers[list(net._layer_names).index("ip")]
