@@ -136,6 +136,8 @@ def classify(model: Model, images: Sequence[str], k: int = 5,
     """Top-k (index, score, label) for each image, in order; with `oversample`, of the
     outputs averaged over ten crops (corners, center and their mirrors)."""
     net = Net(model.deploy, model.weights, TEST, device=device)
+    if torch.device(device).type == "cpu":
+        net.module.use_channels_last()
     if len(net.inputs) != 1:
         raise ProtonetError(f"{model.deploy}: classification needs a net with one input, "
                             f"this one has {net.inputs}")
@@ -155,8 +157,11 @@ def classify(model: Model, images: Sequence[str], k: int = 5,
                               for p in paths])
         net.blobs[net.inputs[0]].reshape(*batch.shape)
         net.reshape()
-        with torch.no_grad():
-            scores = net.forward(**{net.inputs[0]: batch})[output]
+        # The inference plan (folded BatchNorm, packed weights, NHWC on the CPU), the
+        # same scores as Net.forward to float rounding; no blob is read but the output.
+        values, _ = net.module.forward_for_inference(
+            {net.inputs[0]: torch.from_numpy(batch).to(net.device)})
+        scores = values[net.module.blob_index[output]].float().contiguous().cpu().numpy()
         if oversample:
             scores = scores.reshape(len(paths), CROPS, -1).mean(axis=1)
         results += [top_k(s, k, model.labels) for s in scores]
