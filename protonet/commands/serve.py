@@ -1,0 +1,109 @@
+"""`protonet serve`: a classifier behind an HTTP API and a web page (protonet.serve).
+
+The model is loaded before the server starts, so a model that cannot load stops
+start-up with the usual one-line error. The socket is bound here (127.0.0.1 unless
+--host says otherwise; --port 0 picks a free port) and its URL printed on stdout once
+the server accepts requests. SIGTERM or Ctrl-C stop accepting, let the requests in
+flight finish (up to --drain-timeout seconds) and exit 0.
+
+Nothing heavy is imported at module level: Starlette and uvicorn (the `serve` extra)
+and torch load when the command runs.
+"""
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("protonet")
+
+
+def register(sub) -> None:
+    from .classify import add_model_arguments
+    p = sub.add_parser("serve", help="serve a classifier over HTTP, with a web page",
+                       description="Serve a zoo model or deploy net: POST /predict with an "
+                                   "image, GET /model, GET /healthz, and a web page at /.")
+    add_model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="images per forward pass when requests arrive together (default 8; "
+                        "1: every image runs alone)")
+    p.add_argument("--max-wait-ms", type=float, default=5,
+                   help="how long a request waits for others to share its batch "
+                        "(default 5 ms)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="fp32, or bf16/fp16 under autocast")
+    p.add_argument("--max-upload-bytes", type=int,
+                   help="largest request body (default: protonet.limits, 16 MiB, "
+                        "$PROTONET_MAX_UPLOAD_BYTES)")
+    p.add_argument("--drain-timeout", type=float, default=30,
+                   help="seconds to let requests in flight finish on SIGTERM (default 30)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import importlib.util
+    import os
+    import signal
+    import socket
+    import sys
+
+    from .. import limits
+    from ..errors import ProtonetError
+    missing = [name for name, module in (("starlette", "starlette"), ("uvicorn", "uvicorn"),
+                                         ("python-multipart", "python_multipart"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ProtonetError(f"serve needs {', '.join(missing)}: pip install "
+                            "'protonet[serve]' (or -e '.[serve]' in a checkout)")
+    import uvicorn
+    if args.max_batch < 1 or args.max_wait_ms < 0:
+        raise ProtonetError("--max-batch must be at least 1 and --max-wait-ms at least 0")
+    upload = args.max_upload_bytes or limits.max_upload_bytes()
+    if upload < 1:
+        raise ProtonetError("--max-upload-bytes must be positive")
+
+    from ..device import select_device
+    from ..serve.app import create_app
+    from ..serve.predictor import load_predictor
+    from .classify import model_from_args
+
+    model = model_from_args(args)
+    name = os.path.basename(args.model) if os.path.exists(args.model) else args.model
+    predictor = load_predictor(model, name, select_device(args.gpu), args.precision)
+    app = create_app(predictor, args.max_batch, args.max_wait_ms, upload)
+
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        sock.close()
+        raise ProtonetError(f"cannot listen on {args.host}:{args.port}: "
+                            f"{e.strerror}") from None
+    sock.listen(128)
+    host, port = sock.getsockname()[:2]
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                            server_header=False, timeout_graceful_shutdown=args.drain_timeout)
+    server = uvicorn.Server(config)
+    started = server.startup
+
+    async def startup(sockets=None):
+        await started(sockets)
+        url = f"http://{'[' + host + ']' if family == socket.AF_INET6 else host}:{port}"
+        log.info("serving %s (%s, batches of up to %d, %g ms wait) at %s", name,
+                 predictor.kind, args.max_batch, args.max_wait_ms, url)
+        print(url, flush=True)
+
+    server.startup = startup
+    # uvicorn re-raises the signal that stopped it once it has drained; with this
+    # handler in place that is a no-op, and a drained SIGTERM exits 0.
+    stopped = []
+    signal.signal(signal.SIGTERM, lambda sig, frame: stopped.append(sig))
+    server.run(sockets=[sock])
+    if not server.started:
+        raise ProtonetError(f"the server did not start on {host}:{port}")
+    sys.stdout.flush()
+    return 0
