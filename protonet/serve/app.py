@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
+from .. import classify
 from ..errors import ProtonetError
 from .batching import Batcher
 
@@ -106,7 +107,6 @@ async def _form_image(request: Request, body: bytes, limit: int) -> bytes:
 def create_app(predictor, max_batch: int = 8, max_wait_ms: float = 5,
                max_upload_bytes: int = 16 << 20) -> Starlette:
     """The app for a loaded predictor (see predictor.py)."""
-    from .. import classify
     batcher = Batcher(predictor.run, max_batch, max_wait_ms / 1000)
     page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
     about = dict(predictor.describe(), max_batch=max_batch, max_wait_ms=max_wait_ms,
@@ -127,11 +127,14 @@ def create_app(predictor, max_batch: int = 8, max_wait_ms: float = 5,
         try:
             options = predictor.options(request.query_params)
             data = await image_bytes(request, max_upload_bytes)
-            prepared = await run_in_threadpool(_prepare, predictor, classify, data, options)
+            prepared = await run_in_threadpool(_prepare, predictor, data, options)
         except Refused as e:
             return error(e.status, e.message)
         except ProtonetError as e:                   # bad option, undecodable image
             return error(400, str(e))
+        except Exception as e:                       # a bug of ours, not the client's
+            log.exception("preprocessing failed")
+            return error(500, f"could not preprocess the image: {e}")
         try:
             answer = await batcher.submit(prepared)
         except Exception as e:
@@ -158,6 +161,6 @@ def create_app(predictor, max_batch: int = 8, max_wait_ms: float = 5,
     return app
 
 
-def _prepare(predictor, classify, data: bytes, options: dict):
+def _prepare(predictor, data: bytes, options: dict):
     """Decode (limits checked) and preprocess, off the event loop."""
     return predictor.prepare(classify.decode_image(data, "uploaded image"), options)
