@@ -10,7 +10,7 @@ level, so a noisy machine hits both alike). Printed per row: the median requests
 the rounds (and their range), p50 and p99 latency over all of them, and the mean
 images per forward pass the server reports.
 
-    python bench/bench_serve.py [--model open_nsfw] [--clients 1,8,32] [--requests 64] [--rounds 3]
+    python bench/bench_serve.py [--model open_nsfw|small|NET] [--clients 1,8,32] [--requests 64] [--rounds 3]
                                 [--max-batch 8] [--max-wait-ms 5] [serve flags ...]
 
 Flags it does not know (--weights, --cache-dir, --gpu, --precision, ...) go to
@@ -22,9 +22,11 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -33,6 +35,41 @@ import cv2
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# --model small: a random-weight convnet on 64x64 images, where a forward pass costs
+# little next to a request's fixed costs, the case batching is for on a CPU.
+SMALL = """
+name: "small"
+layer { name: "data" type: "Input" top: "data"
+        input_param { shape { dim: 1 dim: 3 dim: 64 dim: 64 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 16 kernel_size: 3 stride: 2
+                            weight_filler { type: "msra" } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "conv2" type: "Convolution" bottom: "conv1" top: "conv2"
+        convolution_param { num_output: 32 kernel_size: 3 stride: 2
+                            weight_filler { type: "msra" } } }
+layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
+layer { name: "pool" type: "Pooling" bottom: "conv2" top: "pool"
+        pooling_param { pool: AVE global_pooling: true } }
+layer { name: "fc" type: "InnerProduct" bottom: "pool" top: "fc"
+        inner_product_param { num_output: 10 weight_filler { type: "xavier" } } }
+layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
+"""
+
+
+def small_model(folder: str) -> list[str]:
+    """Serve flags for the small net, written with random weights into `folder`."""
+    sys.path.insert(0, str(ROOT))
+    import protonet
+    deploy, weights = os.path.join(folder, "small.prototxt"), \
+        os.path.join(folder, "small.caffemodel")
+    with open(deploy, "w") as f:
+        f.write(SMALL)
+    protonet.set_random_seed(0)
+    protonet.Net(deploy, protonet.TEST).save(weights)
+    return ["--model", deploy, "--weights", weights, "--image-size", "64",
+            "--scale", "0.00390625"]
 
 
 def start(argv: list[str]) -> tuple[subprocess.Popen, str, int]:
@@ -124,7 +161,9 @@ def load(host: str, port: int, bodies: list[bytes], clients: int,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="open_nsfw")
+    parser.add_argument("--model", default="open_nsfw",
+                        help="zoo name or deploy.prototxt; 'small': a small random-weight "
+                             "net written here")
     parser.add_argument("--clients", default="1,8,32", help="concurrency levels")
     parser.add_argument("--requests", type=int, default=64, help="requests per round")
     parser.add_argument("--rounds", type=int, default=3,
@@ -139,9 +178,12 @@ def main(argv: list[str] | None = None) -> int:
             ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)],
         "one image per pass": ["--max-batch", "1"],
     }
-    servers = {name: start(["--model", args.model, *flags, *serve_flags])
-               for name, flags in modes.items()}
+    folder = tempfile.mkdtemp(prefix="bench_serve_")
+    model = small_model(folder) if args.model == "small" else ["--model", args.model]
+    servers = {}
     try:
+        for name, flags in modes.items():
+            servers[name] = start([*model, *flags, *serve_flags])
         for proc, host, port in servers.values():         # warm-up: first passes are slow
             load(host, port, bodies, 2, 4)
         print(f"model {args.model}; {args.rounds} rounds of {args.requests} requests per "
@@ -171,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for proc, _, _ in servers.values():
             stop(proc)
+        shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 
