@@ -422,3 +422,40 @@ def test_the_bench_runs(capsys):
                              "--rounds", "1"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert [row[0] for row in rows] == ["1", "1", "3", "3"], rows
+
+
+# -- a detector --------------------------------------------------------------------------------
+def test_a_detector_answers_protonet_detects_boxes(tmp_path):
+    detect = pytest.importorskip("protonet.detect", reason="protonet detect not built yet")
+    from test_detect import TINY_SSD
+    protonet.set_random_seed(3)
+    deploy, weights = tmp_path / "ssd.prototxt", tmp_path / "ssd.caffemodel"
+    deploy.write_text(TINY_SSD)
+    protonet.Net(str(deploy), protonet.TEST).save(str(weights))
+    rng = np.random.default_rng(5)
+    paths = []
+    for i, size in enumerate([(40, 50), (32, 32), (60, 20)]):
+        paths.append(tmp_path / f"img{i}.png")
+        cv2.imwrite(str(paths[-1]), rng.integers(0, 256, size + (3,), dtype=np.uint8))
+    model = detect.Model(str(deploy), str(weights), zoo.Preprocess(None, None, ()),
+                         labels=["bg", "cat", "dog"])
+    (tmp_path / "labels.txt").write_text("bg\ncat\ndog\n")
+    with server("--model", str(deploy), "--weights", str(weights), "--labels",
+                str(tmp_path / "labels.txt"), "--threshold", "0.3") as (proc, url):
+        _, about = http(f"{url}/model")
+        answers = [predict(url, p.read_bytes()) for p in paths]
+        low = predict(url, paths[0].read_bytes(), "?threshold=0.1")
+        bad = predict(url, paths[0].read_bytes(), "?threshold=2")
+    assert about["kind"] == "detector" and about["threshold"] == 0.3
+    found = 0
+    for (status, answer), path in zip(answers, paths):
+        assert status == 200 and "top" not in answer
+        want = detect.detect(model, [str(path)], threshold=0.3)[0]
+        assert (answer["width"], answer["height"]) == (want.width, want.height)
+        assert [(d["index"], d["label"], d["score"], d["box"]) for d in answer["detections"]] \
+            == [(d.label, d.name, d.score, d.box) for d in want.detections]
+        found += len(want.detections)
+    assert found > 0                                # the comparison compared boxes
+    want_low = detect.detect(model, [str(paths[0])], threshold=0.1)[0].detections
+    assert len(low[1]["detections"]) == len(want_low) >= len(answers[0][1]["detections"])
+    assert bad[0] == 400 and "between 0 and 1" in bad[1]["error"]

@@ -1,4 +1,4 @@
-"""`protonet serve`: a classifier behind an HTTP API and a web page (protonet.serve).
+"""`protonet serve`: a classifier or detector behind an HTTP API and a web page.
 
 The model is loaded before the server starts, so a model that cannot load stops
 start-up with the usual one-line error. The socket is bound here (127.0.0.1 unless
@@ -18,7 +18,8 @@ log = logging.getLogger("protonet")
 
 def register(sub) -> None:
     from .classify import add_model_arguments
-    p = sub.add_parser("serve", help="serve a classifier over HTTP, with a web page",
+    p = sub.add_parser("serve", help="serve a classifier or detector over HTTP, with a "
+                                     "web page",
                        description="Serve a zoo model or deploy net: POST /predict with an "
                                    "image, GET /model, GET /healthz, and a web page at /.")
     add_model_arguments(p)
@@ -36,6 +37,9 @@ def register(sub) -> None:
     p.add_argument("--max-upload-bytes", type=int,
                    help="largest request body (default: protonet.limits, 16 MiB, "
                         "$PROTONET_MAX_UPLOAD_BYTES)")
+    p.add_argument("--threshold", type=float,
+                   help="detectors: lowest score returned unless a request's ?threshold= "
+                        "says otherwise (default: the model's, else 0.5)")
     p.add_argument("--drain-timeout", type=float, default=30,
                    help="seconds to let requests in flight finish on SIGTERM (default 30)")
     p.set_defaults(func=run)
@@ -66,9 +70,7 @@ def run(args) -> int:
     from ..device import select_device
     from ..serve.app import create_app
     from ..serve.predictor import load_predictor
-    from .classify import model_from_args
-
-    model = model_from_args(args)
+    model = _model(args)
     name = os.path.basename(args.model) if os.path.exists(args.model) else args.model
     predictor = load_predictor(model, name, select_device(args.gpu), args.precision)
     app = create_app(predictor, args.max_batch, args.max_wait_ms, upload)
@@ -107,3 +109,30 @@ def run(args) -> int:
         raise ProtonetError(f"the server did not start on {host}:{port}")
     sys.stdout.flush()
     return 0
+
+
+def _model(args):
+    """A detect.Model for SSD-style nets (a zoo entry of task detection, or a deploy
+    file with a DetectionOutput layer), else a classify.Model."""
+    import importlib.util
+    import os
+
+    from .. import zoo
+    from ..errors import ProtonetError
+    from ..io.upgrade import read_net
+    from . import classify as classify_command
+    if os.path.exists(args.model) or args.model.endswith(".prototxt"):
+        layers = read_net(args.model).layer
+        detector = any(layer.type == "DetectionOutput" for layer in layers)
+    else:
+        detector = zoo.load_entry(args.model).meta.get("task") == "detection"
+    if not detector:
+        return classify_command.model_from_args(args)
+    if importlib.util.find_spec("protonet.commands.detect") is None:
+        raise ProtonetError(f"{args.model} is a detection net (DetectionOutput), and this "
+                            "protonet has no `detect` yet")
+    from . import detect as detect_command
+    model = detect_command._model(args)
+    if args.threshold is not None:
+        model.threshold = args.threshold
+    return model
