@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         for proc, host, port in servers.values():         # warm-up: first passes are slow
             load(host, port, bodies, 2, 4)
         print(f"model {args.model}; {args.rounds} rounds of {args.requests} requests per "
-              f"row, the two servers taking turns; {len(bodies)} JPEGs")
+              f"row, the two servers taking turns; {len(bodies)} JPEGs; "
+              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start")
         print(f"{'clients':>7}  {'mode':<28} {'req/s (range)':>19} {'p50 ms':>8} "
               f"{'p99 ms':>8} {'img/pass':>8}")
         for clients in levels:
@@ -210,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                        f"{max(rates[name]):.1f})"
                 print(f"{clients:>7}  {name:<28} {rate:>19} {ms[0]:>8.1f} {ms[1]:>8.1f} "
                       f"{passes[name][0] / max(1, passes[name][1]):>8.2f}", flush=True)
+        print(f"load average {os.getloadavg()[0]:.1f} at the end")
     finally:
         for proc, _, _ in servers.values():
             stop(proc)

@@ -1,7 +1,8 @@
 """Dynamic batching: requests that arrive together share one forward pass.
 
 Requests wait in a queue. The batch loop takes the first, then whatever else arrives
-within `max_wait` (or is queued already) up to `max_batch` images, and runs the
+within `max_wait` (or is queued already) up to `max_batch` requests (images; one
+with ?oversample=1 brings its ten crops), and runs the
 predictor on them in one dedicated thread, so the event loop keeps accepting and
 decoding while the net runs; requests that arrive during a forward form the next
 batch. With max_batch 1 every image runs alone.

@@ -10,6 +10,8 @@ DetectionOutput top) reads the rows as protonet.detect does, so boxes are
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -21,10 +23,9 @@ from ..errors import ProtonetError
 from ..pycaffe import TEST, Net
 from ..speed import autocast
 
-try:                        # protonet detect (SSD-style nets), where this build has it
-    from .. import detect
-except ImportError:
-    detect = None
+# protonet.detect (SSD-style nets), where this build has it.
+detect = importlib.import_module("..detect", __package__) \
+    if importlib.util.find_spec("..detect", __package__) else None
 
 MAX_K = 1000
 
@@ -38,10 +39,6 @@ class Prepared:
     """One image's rows of the next batch and the request's options."""
     inputs: np.ndarray
     options: dict = field(default_factory=dict)
-
-    @property
-    def rows(self) -> int:
-        return len(self.inputs)
 
 
 def _flag(query: Mapping[str, str], name: str) -> bool:
