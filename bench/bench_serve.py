@@ -1,20 +1,22 @@
 """Throughput and latency of `protonet serve`, with and without dynamic batching.
 
 Why: batching is what a server adds over `protonet classify` in a loop; this shows
-what it buys. Two server processes run the same model — one batching requests (up to
---max-batch images, waiting up to --max-wait-ms), one running each image alone
+what it buys. Three server processes run the same model — two batching requests (up
+to --max-batch images, one waiting up to --max-wait-ms for others, one waiting 0 ms:
+only requests that queued during the last pass join it), one running each image alone
 (--max-batch 1) — and closed-loop clients (each sends its next request when the last
 one is answered, over a kept-alive connection) post JPEGs to each in turn, at 1, 8
-and 32 concurrent clients, the two servers taking turns (--rounds times at each
-level, so a noisy machine hits both alike). Printed per row: the median requests/s of
+and 32 concurrent clients, the servers taking turns (--rounds times at each
+level, so a noisy machine hits them alike). Printed per row: the median requests/s of
 the rounds (and their range), p50 and p99 latency over all of them, and the mean
 images per forward pass the server reports.
 
-    python bench/bench_serve.py [--model open_nsfw|small|NET] [--clients 1,8,32] [--requests 64] [--rounds 3]
-                                [--max-batch 8] [--max-wait-ms 5] [serve flags ...]
+    python bench/bench_serve.py [--model open_nsfw|small|NET] [--clients 1,8,32]
+                                [--requests 64] [--rounds 3] [--max-batch 8]
+                                [--max-wait-ms 5] [serve flags ...]
 
 Flags it does not know (--weights, --cache-dir, --gpu, --precision, ...) go to
-`protonet serve`. The two servers share the machine's cores with the clients.
+`protonet serve`. The servers share the machine's cores with the clients.
 """
 from __future__ import annotations
 
@@ -173,11 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     args, serve_flags = parser.parse_known_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
     bodies = images()
-    modes = {
-        f"batched (max {args.max_batch}, {args.max_wait_ms:g} ms)":
-            ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)],
-        "one image per pass": ["--max-batch", "1"],
-    }
+    modes = {f"batched (max {args.max_batch}, {wait:g} ms)":
+             ["--max-batch", str(args.max_batch), "--max-wait-ms", str(wait)]
+             for wait in sorted({args.max_wait_ms, 0.0}, reverse=True)}
+    modes["one image per pass"] = ["--max-batch", "1"]
     folder = tempfile.mkdtemp(prefix="bench_serve_")
     model = small_model(folder) if args.model == "small" else ["--model", args.model]
     servers = {}
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         for proc, host, port in servers.values():         # warm-up: first passes are slow
             load(host, port, bodies, 2, 4)
         print(f"model {args.model}; {args.rounds} rounds of {args.requests} requests per "
-              f"row, the two servers taking turns; {len(bodies)} JPEGs; "
+              f"row, the servers taking turns; {len(bodies)} JPEGs; "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start")
         print(f"{'clients':>7}  {'mode':<28} {'req/s (range)':>19} {'p50 ms':>8} "
               f"{'p99 ms':>8} {'img/pass':>8}")

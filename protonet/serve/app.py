@@ -117,8 +117,8 @@ def create_app(predictor, max_batch: int = 8, max_wait_ms: float = 5,
 
     async def healthz(request):
         return JSONResponse({"status": "ok", "model": predictor.name,
-                             "batches": batcher.batches, "images": batcher.images},
-                            headers=HEADERS)
+                             "batches": batcher.batches, "images": batcher.images,
+                             "waiting": batcher.waiting}, headers=HEADERS)
 
     async def model(request):
         return JSONResponse(about, headers=HEADERS)

@@ -29,6 +29,7 @@ class Batcher:
         self.run, self.max_batch, self.max_wait_s = run, max_batch, max(0.0, max_wait_s)
         self.batches = 0          # forward passes run, and images in them (for /healthz)
         self.images = 0
+        self.waiting = 0          # images submitted and not yet answered
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -51,8 +52,12 @@ class Batcher:
     async def submit(self, item: Any) -> Any:
         """The answer for one prepared image, from whichever batch it joins."""
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put((item, future))
-        return await future
+        self.waiting += 1
+        try:
+            await self._queue.put((item, future))
+            return await future
+        finally:
+            self.waiting -= 1
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
