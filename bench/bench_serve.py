@@ -74,16 +74,20 @@ def small_model(folder: str) -> list[str]:
             "--scale", "0.00390625"]
 
 
-def start(argv: list[str]) -> tuple[subprocess.Popen, str, int]:
-    """A `protonet serve` process on a free port: (process, host, port)."""
+def spawn(argv: list[str]) -> subprocess.Popen:
+    """A `protonet serve` process on a free port (see `ready`)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    proc = subprocess.Popen([sys.executable, "-m", "protonet", "-q", "serve", "--port", "0",
+    return subprocess.Popen([sys.executable, "-m", "protonet", "-q", "serve", "--port", "0",
                              *argv], stdout=subprocess.PIPE, text=True, env=env)
+
+
+def ready(proc: subprocess.Popen) -> tuple[subprocess.Popen, str, int]:
+    """(process, host, port) once the server prints its URL."""
     url = proc.stdout.readline().strip()
     if not url.startswith("http://"):
         proc.wait()
-        raise SystemExit(f"protonet serve {' '.join(argv)} did not start")
+        raise SystemExit(f"protonet serve {' '.join(proc.args[5:])} did not start")
     host, port = url[len("http://"):].rsplit(":", 1)
     return proc, host, int(port)
 
@@ -183,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     model = small_model(folder) if args.model == "small" else ["--model", args.model]
     servers = {}
     try:
-        for name, flags in modes.items():
-            servers[name] = start([*model, *flags, *serve_flags])
+        procs = {name: spawn([*model, *flags, *serve_flags]) for name, flags in modes.items()}
+        servers.update({name: proc for name, proc in procs.items()})
+        for name, proc in procs.items():                   # they start side by side
+            servers[name] = ready(proc)
         for proc, host, port in servers.values():         # warm-up: first passes are slow
             load(host, port, bodies, 2, 4)
         print(f"model {args.model}; {args.rounds} rounds of {args.requests} requests per "
@@ -214,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{passes[name][0] / max(1, passes[name][1]):>8.2f}", flush=True)
         print(f"load average {os.getloadavg()[0]:.1f} at the end")
     finally:
-        for proc, _, _ in servers.values():
-            stop(proc)
+        for server in servers.values():
+            stop(server[0] if isinstance(server, tuple) else server)
         shutil.rmtree(folder, ignore_errors=True)
     return 0
 
