@@ -382,7 +382,9 @@ def chromium():
     return None
 
 
-def test_the_page_in_chromium_shows_the_top_class(tiny, tiny_server, tmp_path):
+@contextmanager
+def browser_at(url, tmp_path):
+    """A headless Chromium (Debian's, through its chromedriver) on `url`, or a skip."""
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -391,10 +393,6 @@ def test_the_page_in_chromium_shows_the_top_class(tiny, tiny_server, tmp_path):
     if not browser or not driver_path:
         pytest.skip("chromium and chromedriver are not installed (apt-get install chromium "
                     "chromium-driver)")
-    _, model, images = tiny
-    image = tmp_path / "upload.png"
-    image.write_bytes(images[5])
-    want = alone(model, images[5:6])[0][0]
     options = webdriver.ChromeOptions()
     options.binary_location = browser
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -404,20 +402,35 @@ def test_the_page_in_chromium_shows_the_top_class(tiny, tiny_server, tmp_path):
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
         driver.set_page_load_timeout(60)
-        driver.get(f"{tiny_server}/")
+        driver.get(f"{url}/")
         WebDriverWait(driver, 30).until(
-            lambda d: "deploy.prototxt" in d.find_element(By.ID, "about").text)
-        driver.find_element(By.ID, "file").send_keys(str(image))
-        WebDriverWait(driver, 60).until(
-            lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-done") == "1")
+            lambda d: "input data" in d.find_element(By.ID, "about").text)
+        yield driver, By, WebDriverWait
+    finally:
+        driver.quit()
+
+
+def upload(driver, By, WebDriverWait, path):
+    """Choose the file in the page's file input and wait for the answer to be shown."""
+    driver.find_element(By.ID, "file").send_keys(str(path))
+    WebDriverWait(driver, 60).until(
+        lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-done") == "1")
+    assert driver.find_element(By.ID, "status").get_attribute("class") != "error"
+
+
+def test_the_page_in_chromium_shows_the_top_class(tiny, tiny_server, tmp_path):
+    _, model, images = tiny
+    image = tmp_path / "upload.png"
+    image.write_bytes(images[5])
+    want = alone(model, images[5:6])[0][0]
+    with browser_at(tiny_server, tmp_path) as (driver, By, WebDriverWait):
+        assert "deploy.prototxt" in driver.find_element(By.ID, "about").text
+        upload(driver, By, WebDriverWait, image)
         assert driver.find_element(By.ID, "top-label").text == want[2]
         rows = driver.find_elements(By.CSS_SELECTOR, "#results .row")
         assert len(rows) == 5                                    # the page asks for k=5
         score = float(rows[0].find_element(By.CLASS_NAME, "score").text)
         assert abs(score - want[1]) < 1e-4
-        assert driver.find_element(By.ID, "status").get_attribute("class") != "error"
-    finally:
-        driver.quit()
 
 
 def test_the_bench_runs(capsys):
@@ -433,7 +446,9 @@ def test_the_bench_runs(capsys):
 
 
 # -- a detector --------------------------------------------------------------------------------
-def test_a_detector_answers_protonet_detects_boxes(tmp_path):
+@pytest.fixture
+def tiny_ssd(tmp_path):
+    """(serve flags, detect.Model, three image paths) of test_detect's tiny SSD."""
     detect = pytest.importorskip("protonet.detect", reason="protonet detect not built yet")
     from test_detect import TINY_SSD
     protonet.set_random_seed(3)
@@ -446,10 +461,17 @@ def test_a_detector_answers_protonet_detects_boxes(tmp_path):
         paths.append(tmp_path / f"img{i}.png")
         cv2.imwrite(str(paths[-1]), rng.integers(0, 256, size + (3,), dtype=np.uint8))
     model = detect.Model(str(deploy), str(weights), zoo.Preprocess(None, None, ()),
-                         labels=["bg", "cat", "dog"])
+                         labels=["bg", "cat", "dog"], threshold=0.3)
     (tmp_path / "labels.txt").write_text("bg\ncat\ndog\n")
-    with server("--model", str(deploy), "--weights", str(weights), "--labels",
-                str(tmp_path / "labels.txt"), "--threshold", "0.3") as (proc, url):
+    flags = ["--model", str(deploy), "--weights", str(weights), "--labels",
+             str(tmp_path / "labels.txt"), "--threshold", "0.3"]
+    return flags, model, paths
+
+
+def test_a_detector_answers_protonet_detects_boxes(tiny_ssd):
+    from protonet import detect
+    flags, model, paths = tiny_ssd
+    with server(*flags) as (proc, url):
         _, about = http(f"{url}/model")
         answers = [predict(url, p.read_bytes()) for p in paths]
         low = predict(url, paths[0].read_bytes(), "?threshold=0.1")
@@ -467,3 +489,23 @@ def test_a_detector_answers_protonet_detects_boxes(tmp_path):
     want_low = detect.detect(model, [str(paths[0])], threshold=0.1)[0].detections
     assert len(low[1]["detections"]) == len(want_low) >= len(answers[0][1]["detections"])
     assert bad[0] == 400 and "between 0 and 1" in bad[1]["error"]
+
+
+def test_the_page_in_chromium_draws_a_detectors_boxes(tiny_ssd, tmp_path):
+    from protonet import detect
+    flags, model, paths = tiny_ssd
+    want = detect.detect(model, [str(paths[0])])[0].detections
+    assert want
+    with server(*flags) as (proc, url), browser_at(url, tmp_path) as (driver, By, Wait):
+        upload(driver, By, Wait, paths[0])
+        assert driver.find_element(By.ID, "top-label").text == want[0].name
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#results .row")) == len(want)
+        # The image and its boxes are on the canvas: box edges in the boxes' colours.
+        drawn = driver.execute_script(
+            "const c = document.getElementById('canvas');"
+            "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+            "let n = 0; for (let i = 0; i < d.length; i += 4)"
+            "  if (d[i] === 0xe6 && d[i + 1] === 0x19 && d[i + 2] === 0x4b) n++;"
+            "return [c.width, c.height, n];")
+        image = cv2.imread(str(paths[0]))
+        assert drawn[:2] == [image.shape[1], image.shape[0]] and drawn[2] > 10
