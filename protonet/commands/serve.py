@@ -3,8 +3,9 @@
 The model is loaded before the server starts, so a model that cannot load stops
 start-up with the usual one-line error. The socket is bound here (127.0.0.1 unless
 --host says otherwise; --port 0 picks a free port) and its URL printed on stdout once
-the server accepts requests. SIGTERM or Ctrl-C stop accepting, let the requests in
-flight finish (up to --drain-timeout seconds) and exit 0.
+the server accepts requests. SIGTERM stops accepting, lets the requests in flight
+finish (up to --drain-timeout seconds) and exits 0; Ctrl-C drains the same way and
+exits 130, as every command does on Ctrl-C.
 
 Nothing heavy is imported at module level: Starlette and uvicorn (the `serve` extra)
 and torch load when the command runs.
@@ -47,6 +48,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     import importlib.util
+    import ipaddress
     import os
     import signal
     import socket
@@ -63,7 +65,8 @@ def run(args) -> int:
     import uvicorn
     if args.max_batch < 1 or args.max_wait_ms < 0:
         raise ProtonetError("--max-batch must be at least 1 and --max-wait-ms at least 0")
-    upload = args.max_upload_bytes or limits.max_upload_bytes()
+    upload = limits.max_upload_bytes() if args.max_upload_bytes is None \
+        else args.max_upload_bytes
     if upload < 1:
         raise ProtonetError("--max-upload-bytes must be positive")
 
@@ -86,6 +89,9 @@ def run(args) -> int:
                             f"{e.strerror}") from None
     sock.listen(128)
     host, port = sock.getsockname()[:2]
+    if not ipaddress.ip_address(host.split("%")[0]).is_loopback:
+        log.warning("listening on %s: anyone who can reach this machine can use the model",
+                    host)
 
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                             server_header=False, timeout_graceful_shutdown=args.drain_timeout)
