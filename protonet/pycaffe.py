@@ -206,10 +206,6 @@ def _unique(tensors: list) -> list:
     return list({id(t): t for t in tensors}.values())
 
 
-def _layer_error(error: ProtonetError, kind: type[BaseException]) -> ProtonetError:
-    return also_a(error, kind)
-
-
 class Net:
     """A Caffe net for scripts: `Net(prototxt, phase)` or `Net(prototxt, weights, phase)`.
 
@@ -244,7 +240,8 @@ class Net:
                 for path in ([weights] if single else weights):
                     self.copy_from(path)
         except ProtonetError as e:
-            raise _layer_error(e, RuntimeError) from e.__cause__
+            also_a(e, RuntimeError)         # the same error, now a RuntimeError too
+            raise
 
     @classmethod
     def from_module(cls, module: NetModule, device: str | torch.device = "cpu") -> "Net":

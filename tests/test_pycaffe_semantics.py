@@ -4,6 +4,7 @@ valid, in-place diffs, Backward from stored blobs, partial backward, and the
 exception types scripts catch. Each reference is computed independently in torch."""
 from __future__ import annotations
 
+import pickle
 import textwrap
 
 import h5py
@@ -270,6 +271,8 @@ def test_python_layer_setup_error_is_a_runtime_error_and_a_protonet_error(tmp_pa
     assert isinstance(caught.value, NetError)
     assert "layer 'boom' (Python)" in str(caught.value)
     assert "no setup today" in str(caught.value)
+    again = pickle.loads(pickle.dumps(caught.value))       # e.g. across processes
+    assert type(again) is NetError and str(again) == str(caught.value)
 
 
 def test_python_layer_forward_error_keeps_its_type(tmp_path, monkeypatch):
