@@ -206,10 +206,6 @@ def _unique(tensors: list) -> list:
     return list({id(t): t for t in tensors}.values())
 
 
-def _layer_error(error: ProtonetError, kind: type[BaseException]) -> ProtonetError:
-    return also_a(error, kind)
-
-
 class Net:
     """A Caffe net for scripts: `Net(prototxt, phase)` or `Net(prototxt, weights, phase)`.
 
@@ -244,7 +240,8 @@ class Net:
                 for path in ([weights] if single else weights):
                     self.copy_from(path)
         except ProtonetError as e:
-            raise _layer_error(e, RuntimeError) from e.__cause__
+            also_a(e, RuntimeError)         # the same error, now a RuntimeError too
+            raise
 
     @classmethod
     def from_module(cls, module: NetModule, device: str | torch.device = "cpu") -> "Net":
@@ -261,6 +258,7 @@ class Net:
         self._diffs: list[torch.Tensor | None] = [None] * count
         self._shown: tuple[set, set] = (set(), set())   # blobs whose data/diff views are out
         self._segments: dict[int, tuple] = {}   # layer -> (bottom leaves, tops) of a forward
+        self._stale_from: int | None = None     # layers from here on not reshaped yet
         self._callbacks: dict[str, list] = {"before_forward": [], "after_forward": [],
                                             "before_backward": [], "after_backward": []}
         self._loss_weight = {step.tops[pos]: weight for step in module.steps
@@ -369,11 +367,9 @@ class Net:
                 raise NetError(f"input '{name}' has shape {list(value.shape)}, the blob "
                                f"{list(current.shape)}; reshape the blob first")
             self.blobs[name].data = value
-        if any(tuple(self._value(i).shape) != tuple(self.module.blob_shapes[i])
-               for i in self.module.input_ids):
-            self.reshape()          # Caffe's layers reshape in Forward
         first = self._layer_index(start) if start is not None else 0
         last = self._layer_index(end) if end is not None else len(self.module.layers) - 1
+        self._reshape(first, last, only_if_changed=True)   # Caffe's layers reshape in Forward
         self._forward(first, last)
         names = list(self.outputs) if end is None else \
             [self.module.blob_names[t] for t in self.module.steps[last].tops]
@@ -587,9 +583,33 @@ class Net:
     def reshape(self) -> None:
         """Propagate input blob shapes through the net (pycaffe's net.reshape());
         blobs whose shape changes get new memory, as in Caffe."""
-        shapes = {self.module.blob_names[i]: tuple(self._value(i).shape)
-                  for i in self.module.input_ids}
-        self.module.infer_shapes(shapes)
+        self._reshape(0, len(self.module.layers) - 1)
+
+    def _reshape(self, first: int, last: int, only_if_changed: bool = False) -> None:
+        """Reshape layers first..last for the shapes their outside bottoms (inputs,
+        blobs earlier layers made) hold now. With only_if_changed, nothing happens
+        unless one of those differs from the shape the net last inferred."""
+        made: set[int] = set()
+        outside: dict[int, tuple] = {}
+        for step in self.module.steps[first:last + 1]:
+            for b in step.bottoms:
+                if b not in made and self._values[b] is not None:
+                    outside[b] = tuple(self._values[b].shape)
+            if step.is_input:
+                for t in step.tops:
+                    outside[t] = tuple(self._value(t).shape)
+            made.update(step.tops)
+        stale = self._stale_from is not None and last >= self._stale_from
+        if only_if_changed and not stale and all(
+                shape == tuple(self.module.blob_shapes[b]) for b, shape in outside.items()):
+            return
+        names = self.module.blob_names
+        self.module.infer_shapes({names[b]: s for b, s in outside.items()}, first, last)
+        if last < len(self.module.layers) - 1:      # later layers keep their old shapes
+            self._stale_from = last + 1 if self._stale_from is None else \
+                min(self._stale_from, last + 1)
+        elif first == 0:
+            self._stale_from = None
         self._segments.clear()
         for i, shape in enumerate(self.module.blob_shapes):
             for store, shown in zip((self._values, self._diffs), self._shown):
