@@ -33,8 +33,10 @@ CASES = {
 
 
 def prototxt(shape, param: str) -> str:
-    dims = "".join(f"input_dim: {d}\n" for d in shape)
-    return (f'name: "interp"\ninput: "data"\n{dims}'
+    dims = " ".join(f"dim: {d}" for d in shape)
+    return (f'name: "interp"\n'
+            f'layer {{ name: "data" type: "Input" top: "data" '
+            f'input_param {{ shape {{ {dims} }} }} }}\n'
             f'layer {{ name: "interp" type: "Interp" bottom: "data" top: "out" '
             f'interp_param {{ {param} }} }}\n')
 

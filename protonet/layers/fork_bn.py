@@ -14,7 +14,8 @@
   ones. The statistics never learn (lr_mult 0) and `frozen` stops slope and bias too;
   the fork sets those multipliers itself, whatever the prototxt says, and so do we.
 
-Which one a layer is: the fields its bn_param sets (bn_mode is SegNet's; momentum, eps,
+Which one a layer is: the fields its bn_param sets (bn_mode, scale_filler and
+shift_filler are SegNet's; momentum, eps,
 frozen, engine, slope_filler and bias_filler are PSPNet's), else more than two param
 specs (PSPNet), else SegNet's, until a weights file with four blobs for the layer says
 PSPNet (see `adapt_to_stored_blobs`). docs/forks.md lists the collision.
@@ -35,7 +36,7 @@ from .registry import register
 SEGNET, PSPNET = "SegNet", "PSPNet"
 SEGNET_EPS = 1e-9                   # var_eps_ in SegNet's LayerSetUp, not a field
 _PSPNET_FIELDS = ("momentum", "eps", "frozen", "engine", "slope_filler", "bias_filler")
-_SEGNET_FIELDS = ("bn_mode",)
+_SEGNET_FIELDS = ("bn_mode", "scale_filler", "shift_filler")
 
 
 def _has(message, field: str) -> bool:
