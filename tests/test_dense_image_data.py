@@ -141,3 +141,15 @@ def test_errors(tmp_path):
     net = dense_net(source, other)
     with pytest.raises(DataError, match="label image 'lab0.png' is 5x8; they must match"):
         net.forward()
+
+
+def test_enet_label_divide_factor(tmp_path):
+    source, images, labels = write_pairs(tmp_path, count=1, height=8, width=12)
+    net = dense_net(source, tmp_path, batch=1,
+                    params="new_height: 8 new_width: 12 label_divide_factor: 4")
+    assert net.blobs["label"].data.shape == (1, 1, 2, 3)
+    net.forward()
+    np.testing.assert_array_equal(
+        net.blobs["label"].data[0, 0],
+        cv2.resize(labels[0], (3, 2), interpolation=cv2.INTER_NEAREST))
+    np.testing.assert_array_equal(net.blobs["data"].data[0], images[0].transpose(2, 0, 1))

@@ -224,6 +224,11 @@ class _DenseImageListSource(_ImageListSource):
     def __init__(self, p, transformer: DataTransformer, skip: int):
         self.crop_size = (p.crop_height, p.crop_width) if p.crop_height > 0 else None
         self.mirror = bool(p.mirror)
+        # ENet's caffe: labels at 1/factor of the image size (for its encoder stage).
+        self.label_factor = max(1, int(p.label_divide_factor))
+        if self.label_factor > 1 and self.crop_size:
+            raise DataError("label_divide_factor > 1 cannot go with crop_height/crop_width "
+                            "(the crop window would not fit the smaller label image)")
         # The fork draws (rand() % 2 to mirror, then the crop's row and column offsets)
         # per item; here up front per batch, in item order, so decoding may run in parallel.
         self._draws = seeded_rng() if self.mirror or self.crop_size else None
@@ -243,8 +248,9 @@ class _DenseImageListSource(_ImageListSource):
 
     def _label(self, entry: tuple[str, str]) -> np.ndarray:
         path = self.root + entry[1]
+        size = [side // self.label_factor for side in self.size]
         try:
-            image = read_image(path, *self.size, is_color=False, nearest=True)
+            image = read_image(path, *size, is_color=False, nearest=True)
         except DataError as e:
             raise DataError(f"{self.list_path}: label image '{entry[1]}': {e}") from None
         return to_chw(image, path)
@@ -253,10 +259,13 @@ class _DenseImageListSource(_ImageListSource):
         entry, draw = job
         where = self.root + entry[0]
         image, label = self._read(entry), self._label(entry)
-        if label.shape[1:] != image.shape[1:]:
+        expected = tuple(side // self.label_factor for side in image.shape[1:])
+        if label.shape[1:] != expected:
+            factor = f" / label_divide_factor {self.label_factor}" \
+                if self.label_factor > 1 else ""
             raise DataError(f"{where}: image is {image.shape[1]}x{image.shape[2]} but its "
                             f"label image '{entry[1]}' is {label.shape[1]}x{label.shape[2]}; "
-                            "they must match")
+                            f"they must match{factor}")
         if self.mirror and draw[0] % 2:
             image, label = image[:, :, ::-1], label[:, :, ::-1]
         if self.crop_size:
@@ -411,8 +420,8 @@ class ImageData(PrefetchingDataLayer):
 @register("DenseImageData")
 class DenseImageData(PrefetchingDataLayer):
     """SegNet's data layer (alexgkendall/caffe-segnet dense_image_data_layer.cpp; ENet's
-    caffe has the same): '<image> <label image>' lines, tops data (N, C, h, w) and label
-    (N, 1, h, w). Its own mirror / crop_height / crop_width move image and label
+    caffe adds label_divide_factor, labels read at new_height/f x new_width/f):
+    '<image> <label image>' lines, tops data (N, C, h, w) and label (N, 1, h, w). Its own mirror / crop_height / crop_width move image and label
     together; transform_param's mirror and crop_size, which would move the image alone,
     are refused as the fork refuses them. With batch_size 1 and no resize or crop each
     batch keeps its image's size, as in the fork."""
@@ -433,9 +442,10 @@ class DenseImageData(PrefetchingDataLayer):
         return _DenseImageListSource(p, self.make_transformer(), self.rand_skip(p.rand_skip))
 
     def reshape(self, bottom_shapes):
-        batch = self.source.batch_size
+        batch, factor = self.source.batch_size, self.source.label_factor
         channels, height, width = self.source.item_shape
-        return [(batch, channels, height, width), (batch, 1, height, width)]
+        return [(batch, channels, height, width),
+                (batch, 1, height // factor, width // factor)]
 
 
 @register("MemoryData")
