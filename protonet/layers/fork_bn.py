@@ -28,6 +28,7 @@ per-channel scale otherwise.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..proto import caffe_pb2
 from .base import Layer
@@ -93,6 +94,11 @@ class _NormalizeAffine(torch.autograd.Function):
                     - x_norm * (scaled * x_norm).mean(dim=dims, keepdim=True)
             d_x = scaled * inv_std
         return d_x, d_slope, d_bias, None, None, None, None, None
+
+
+def _inference(x: torch.Tensor, blob: torch.Tensor) -> bool:
+    """No gradient wanted: torch's batch-norm kernel may stand in for the fork's steps."""
+    return not torch.is_grad_enabled() or not (x.requires_grad or blob.requires_grad)
 
 
 def _two_stage_mean(x: torch.Tensor) -> torch.Tensor:
@@ -178,6 +184,10 @@ class BN(Layer):
     def _segnet(self, x):
         scale, shift = self.blobs[0], self.blobs[1]
         mode = getattr(self.param.bn_param, "bn_mode", 0)
+        if mode == 1 and self.num_tops == 1 and _inference(x, scale):
+            zeros = torch.zeros(self.channels, dtype=x.dtype, device=x.device)
+            return F.batch_norm(x, zeros, torch.ones_like(zeros), scale.reshape(-1),
+                                shift.reshape(-1), False, 0.0, 0.0)
         if mode == 1:           # INFERENCE: x * scale + shift
             zero, one = torch.zeros((), dtype=x.dtype, device=x.device), \
                 torch.ones((), dtype=x.dtype, device=x.device)
@@ -197,8 +207,12 @@ class BN(Layer):
         slope, bias, stored_mean, stored_var = self.blobs
         eps = float(getattr(self.param.bn_param, "eps", 1e-5))
         momentum = float(getattr(self.param.bn_param, "momentum", 0.9))
+        stored = self.frozen or self.phase == caffe_pb2.TEST
+        if stored and _inference(x, slope):     # one fused pass, same arithmetic
+            return F.batch_norm(x, stored_mean.reshape(-1), stored_var.reshape(-1),
+                                slope.reshape(-1), bias.reshape(-1), False, 0.0, eps)
         with torch.no_grad():
-            if self.frozen or self.phase == caffe_pb2.TEST:
+            if stored:
                 mean, var = stored_mean.detach(), stored_var.detach()
             else:
                 mean = _two_stage_mean(x)

@@ -520,3 +520,22 @@ def test_bn_errors():
         make_layer('type: "BN"', (2, 3))
     with pytest.raises(protonet.NetError, match="at most 1 top"):
         build(bn_net("frozen: true", tops='top: "y" top: "m"'), {"x": (1, 2, 2, 2)})
+
+
+@pytest.mark.parametrize("text", [
+    'type: "BN" bn_param { frozen: true slope_filler { type: "gaussian" } '
+    'bias_filler { type: "gaussian" } }',
+    'type: "BN" bn_param { bn_mode: INFERENCE scale_filler { type: "gaussian" } '
+    'shift_filler { type: "gaussian" } }',
+])
+def test_bn_inference_fast_path_equals_the_fork_steps(text):
+    layer = make_layer(text, (2, 3, 4, 5), phase=protonet.TEST)
+    if len(layer.blobs) == 4:
+        with torch.no_grad():
+            layer.blobs[2].normal_()
+            layer.blobs[3].uniform_(0.5, 2)
+    x = torch.randn(2, 3, 4, 5)
+    with torch.no_grad():
+        fast = layer(x)
+    stepwise = layer(x.clone().requires_grad_())
+    np.testing.assert_allclose(fast.numpy(), stepwise.detach().numpy(), rtol=1e-5, atol=1e-5)
