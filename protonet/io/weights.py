@@ -42,6 +42,8 @@ def blob_to_array(blob: caffe_pb2.BlobProto, diff: bool = False,
         raise WeightsError(f"{where}: {problem}")
     if diff:
         values = blob.double_diff if len(blob.double_diff) else blob.diff
+    elif blob.raw_data:
+        values = _raw_values(blob, where)
     else:
         values = blob.double_data if len(blob.double_data) else blob.data
     array = np.asarray(values, dtype=np.float32)
@@ -50,6 +52,29 @@ def blob_to_array(blob: caffe_pb2.BlobProto, diff: bool = False,
         raise WeightsError(f"{where}: holds {array.size} values but its shape "
                            f"{list(shape)} needs {count}")
     return array.reshape(shape if shape else (count,))
+
+
+# NVCaffe's / OpenCV's BlobProto.raw_data: little-endian values of raw_data_type.
+_RAW_DTYPES = {caffe_pb2.FLOAT16: np.dtype("<f2"), caffe_pb2.FLOAT: np.dtype("<f4"),
+               caffe_pb2.DOUBLE: np.dtype("<f8")}
+
+
+def _raw_values(blob: caffe_pb2.BlobProto, where: str) -> np.ndarray:
+    """The values of a blob stored as raw bytes (fp16 in cv2.dnn.shrinkCaffeModel's
+    and NVCaffe's files), widened to float32 by the caller."""
+    if not blob.HasField("raw_data_type"):
+        raise WeightsError(f"{where}: has raw_data but no raw_data_type (FLOAT16, "
+                           "FLOAT or DOUBLE)")
+    dtype = _RAW_DTYPES.get(blob.raw_data_type)
+    if dtype is None:
+        name = caffe_pb2.Type.Name(blob.raw_data_type)
+        raise WeightsError(f"{where}: raw_data_type {name} is not a float type; "
+                           "expected FLOAT16, FLOAT or DOUBLE")
+    if len(blob.raw_data) % dtype.itemsize:
+        raise WeightsError(f"{where}: raw_data has {len(blob.raw_data)} bytes, not a "
+                           f"whole number of {dtype.itemsize}-byte "
+                           f"{caffe_pb2.Type.Name(blob.raw_data_type)} values")
+    return np.frombuffer(blob.raw_data, dtype=dtype)
 
 
 def array_to_blob(array, blob: caffe_pb2.BlobProto | None = None,

@@ -2,7 +2,7 @@
 (SegNet/ENet) and Interp (PSPNet).
 
 References: Interp against OpenCV 4 dnn's outputs (tests/data/forks, made by
-tools/make_fork_fixtures.py) where OpenCV implements the case, and elsewhere against
+tools/make_interp_fixtures.py) where OpenCV implements the case, and elsewhere against
 numpy loops written from the forks' C++ (caffe_cpu_interp2, bn_layer.cpp,
 upsample_layer.cpp), independent of protonet's torch code; backward against the forks'
 backward loops and, where the fork's gradient is the true one, float64 gradcheck.
