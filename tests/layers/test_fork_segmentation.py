@@ -539,3 +539,45 @@ def test_bn_inference_fast_path_equals_the_fork_steps(text):
         fast = layer(x)
     stepwise = layer(x.clone().requires_grad_())
     np.testing.assert_allclose(fast.numpy(), stepwise.detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+CUDA_CASES = {
+    "upsample_overlap": ('type: "Upsample" upsample_param { upsample_h: 9 upsample_w: 7 }',
+                         (2, 3, 4, 3)),
+    "interp": ('type: "Interp" interp_param { zoom_factor: 3 pad_beg: -1 pad_end: -1 }',
+               (2, 3, 6, 7)),
+    "bn_segnet": ('type: "BN" bn_param { scale_filler { type: "gaussian" } '
+                  'shift_filler { type: "gaussian" } }', (2, 3, 5, 4)),
+    "bn_pspnet": ('type: "BN" bn_param { momentum: 0.9 slope_filler { type: "gaussian" } '
+                  'bias_filler { type: "gaussian" } }', (2, 3, 5, 4)),
+}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", sorted(CUDA_CASES))
+def test_cuda_equals_cpu(case):
+    text, shape = CUDA_CASES[case]
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    bottoms = [x]
+    if case.startswith("upsample"):         # a kernel-3 stride-2 pooling mask: duplicates
+        pooled, index = torch.nn.functional.max_pool2d(torch.randn(2, 3, 9, 7), 3, 2,
+                                                       ceil_mode=True, return_indices=True)
+        bottoms = [pooled, index.float()]
+    layer = make_layer(text, *[tuple(b.shape) for b in bottoms])
+    results = []
+    for device in ("cpu", "cuda"):
+        moved = make_layer(text, *[tuple(b.shape) for b in bottoms])
+        moved.load_state_dict(layer.state_dict())
+        moved.to(device)
+        inputs = [b.to(device).requires_grad_(i == 0) for i, b in enumerate(bottoms)]
+        top = moved(*inputs)
+        top = top[0] if isinstance(top, list) else top
+        top.backward(torch.linspace(-1, 1, top.numel(), device=device).reshape(top.shape))
+        results.append((top.detach().cpu(), inputs[0].grad.cpu(),
+                        [b.grad.cpu() for b in moved.blobs if b.grad is not None]))
+    (top_a, grad_a, params_a), (top_b, grad_b, params_b) = results
+    torch.testing.assert_close(top_b, top_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-5)
+    for a, b in zip(params_a, params_b):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
