@@ -581,3 +581,42 @@ def test_cuda_equals_cpu(case):
     torch.testing.assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-5)
     for a, b in zip(params_a, params_b):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+# --- SoftmaxWithLoss with SegNet/ENet's class weighting ------------------------------
+
+def test_softmax_loss_class_weighting_as_segnet():
+    scores, label = randn(2, 3, 4, 5), RNG.integers(0, 3, (2, 1, 4, 5)).astype(np.float32)
+    label[0, 0, 0, :2] = 255
+    weights = [0.5, 2.0, 3.0]
+    param = " ".join(f"class_weighting: {w}" for w in weights)
+    net = run(f'layer {{ name: "L" type: "SoftmaxWithLoss" bottom: "s" bottom: "l" top: "y" '
+              f'loss_param {{ weight_by_label_freqs: true ignore_label: 255 {param} }} }}',
+              s=scores, l=label)
+    # softmax_loss_layer.cpp (SegNet): loss -= log(max(p, FLT_MIN)) * w[label], / count;
+    # diff = (p - 1[label]) * w[label] / count, 0 at ignored positions
+    s64 = scores.astype(np.float64)
+    prob = np.exp(s64 - s64.max(1, keepdims=True))
+    prob /= prob.sum(1, keepdims=True)
+    loss, count, diff = 0.0, 0, prob.copy()
+    for n in range(2):
+        for h in range(4):
+            for w in range(5):
+                lab = int(label[n, 0, h, w])
+                if lab == 255:
+                    diff[n, :, h, w] = 0
+                    continue
+                loss -= np.log(max(prob[n, lab, h, w], np.finfo(np.float32).tiny)) * weights[lab]
+                diff[n, lab, h, w] -= 1
+                diff[n, :, h, w] *= weights[lab]
+                count += 1
+    np.testing.assert_allclose(float(net.blobs["y"].data), loss / count, rtol=1e-5)
+    net.backward(start="L")
+    np.testing.assert_allclose(net.blobs["s"].diff, diff / count, rtol=1e-4, atol=1e-6)
+
+
+def test_softmax_loss_class_weighting_needs_one_per_class():
+    with pytest.raises(protonet.NetError, match="2 class_weighting values for 3 classes"):
+        build('layer { name: "L" type: "SoftmaxWithLoss" bottom: "s" bottom: "l" top: "y" '
+              'loss_param { weight_by_label_freqs: true class_weighting: 1 '
+              'class_weighting: 2 } }', {"s": (1, 3, 2, 2), "l": (1, 1, 2, 2)})
