@@ -96,7 +96,7 @@ class Upsample(Layer):
         out_h, out_w = self._out_size(*x.shape[2:])
         index = mask.detach().to(torch.long)       # static_cast<int>: truncation
         if index.numel():
-            low, high = int(index.min()), int(index.max())
+            low, high = (int(v) for v in torch.aminmax(index))     # one sync
             if low < 0 or high >= out_h * out_w:
                 bad = low if low < 0 else high
                 raise self.error(
