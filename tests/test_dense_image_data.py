@@ -153,3 +153,24 @@ def test_enet_label_divide_factor(tmp_path):
         net.blobs["label"].data[0, 0],
         cv2.resize(labels[0], (3, 2), interpolation=cv2.INTER_NEAREST))
     np.testing.assert_array_equal(net.blobs["data"].data[0], images[0].transpose(2, 0, 1))
+
+
+def test_shuffle_keeps_pairs_together_and_covers_each_epoch(tmp_path):
+    # image i is filled with 10 * i, its label with i: pairs show in the tops
+    lines = []
+    for i in range(5):
+        cv2.imwrite(str(tmp_path / f"img{i}.png"), np.full((3, 4, 3), 10 * i, np.uint8))
+        cv2.imwrite(str(tmp_path / f"lab{i}.png"), np.full((3, 4), i, np.uint8))
+        lines.append(f"img{i}.png lab{i}.png")
+    (tmp_path / "list.txt").write_text("\n".join(lines))
+    protonet.set_random_seed(11)
+    net = dense_net(tmp_path / "list.txt", tmp_path, TRAIN, batch=5, params="shuffle: true")
+    orders = []
+    for _ in range(3):
+        net.forward()
+        labels = net.blobs["label"].data[:, 0, 0, 0].astype(int).tolist()
+        np.testing.assert_array_equal(net.blobs["data"].data[:, 0, 0, 0],
+                                      np.array(labels) * 10.0)
+        assert sorted(labels) == list(range(5))
+        orders.append(labels)
+    assert any(order != list(range(5)) for order in orders)
