@@ -154,3 +154,17 @@ def test_segment_command_module_imports_nothing_heavy_at_top_level():
                for alias in node.names}
     modules |= {node.module or "." for node in tree.body if isinstance(node, ast.ImportFrom)}
     assert modules == {"__future__", "json", "pathlib"}
+
+
+def test_image_size_reshapes_the_net(tmp_path, capsys):
+    deploy, weights = channels_model(tmp_path)
+    quadrant_image(tmp_path / "quad.png")
+    assert cli.main(["segment", "--model", deploy, "--weights", weights,
+                     str(tmp_path / "quad.png"), str(tmp_path / "quad.png"), "--out",
+                     str(tmp_path), "--image-size", "16,24", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [e["labels"] for e in report] == [str(tmp_path / "quad_labels.png"),
+                                             str(tmp_path / "quad_2_labels.png")]
+    labels = cv2.imread(str(tmp_path / "quad_2_labels.png"), cv2.IMREAD_UNCHANGED)
+    # at the image's own size the pooled map is 8x12: the regions' bands are sharper
+    assert (labels[:, :7] == 0).all() and (labels[:, 17:] == 3).all()
