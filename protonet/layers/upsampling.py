@@ -6,8 +6,8 @@
   plane, which is exactly the index protonet's Pooling writes. Forward places every
   value at its mask index of a zeroed top; backward reads each bottom's gradient back
   from its index. Where overlapping pooling windows give two values one index, the
-  fork's CPU loop leaves the later one; so do we (deterministically, on any device),
-  and backward still hands the top's gradient to both, as the fork does.
+  fork's CPU loop leaves the later one; so do we (on the GPU too, where the fork's
+  kernel leaves it to chance), and backward still hands the top's gradient to both.
 - `Interp` follows hszhao/PSPNet's interp_layer.cpp and caffe_cpu_interp2: bilinear
   interpolation with corners aligned (source step (in - 1) / (out - 1) in float32, as
   the fork computes it), after cropping the bottom by -pad_beg / -pad_end. Backward
@@ -22,30 +22,61 @@ from .base import Layer
 from .registry import register
 
 
-class _Unpool(torch.autograd.Function):
-    """values (N, C, h, w) to (N, C, out_h, out_w) at `index`; the last writer wins."""
+def _unpool(values: torch.Tensor, index: torch.Tensor, out_h: int, out_w: int):
+    """values (N, C, h, w) to (N, C, out_h, out_w) at `index`; the last writer wins.
+
+    Where no index repeats, torch's max_unpool2d is the fork's loop, backward (a
+    gather of the top's gradient at each index) included. Which of several writers
+    of one index it keeps is its own affair (on the CPU it varies with the layout),
+    so a mask with repeats (overlapping pooling windows) takes unpool_last_writer.
+    Repeats show when the bottom positions, unpooled the same way, do not all come
+    back from their indices."""
+    n, c, h, w = values.shape
+    flat = index.reshape(n, c, h * w)
+    if out_h < h or out_w < w:          # outside max_unpool2d's size rule
+        return unpool_last_writer(values, flat, out_h, out_w)
+    kernel, size = (out_h - h + 1, out_w - w + 1), (out_h, out_w)
+    exact = torch.float32 if h * w < 2 ** 24 else torch.float64
+    positions = torch.arange(h * w, dtype=exact, device=values.device)
+    marks = F.max_unpool2d(positions.expand(n, c, h * w).reshape(n, c, h, w).contiguous(),
+                           index, kernel, stride=1, output_size=size)
+    kept = marks.reshape(n, c, -1).gather(2, flat) == positions
+    if not bool(kept.all()):
+        return unpool_last_writer(values, flat, out_h, out_w)
+    return F.max_unpool2d(values, index, kernel, stride=1, output_size=size)
+
+
+def unpool_last_writer(values: torch.Tensor, flat: torch.Tensor, out_h: int, out_w: int):
+    """The unpooling with repeated indices resolved explicitly: of the bottom positions
+    with one index, the highest writes (the fork's sequential loop), on any device."""
+    n, c, hw = flat.shape
+    positions = torch.arange(hw, device=values.device).expand(n, c, hw)
+    writer = torch.full((n, c, out_h * out_w), -1, dtype=torch.long, device=values.device)
+    writer.scatter_reduce_(2, flat, positions, "amax")
+    last = writer.gather(2, flat) == positions      # the one writer each index keeps
+    return _GatheredUnpool.apply(values, torch.where(last, flat, -1), flat, out_h, out_w)
+
+
+class _GatheredUnpool(torch.autograd.Function):
+    """Unpool where only the last writer of each index writes (index -1: none); the
+    gradient of every value is the top's gradient at its own index, as in the fork."""
 
     @staticmethod
-    def forward(ctx, values, index, out_h: int, out_w: int):
-        n, c, h, w = values.shape
-        flat = index.reshape(n, c, h * w)
-        positions = torch.arange(h * w, device=values.device).expand(n, c, h * w)
-        # Which bottom position writes each top position: the highest, as the fork's
-        # sequential loop, where later writes overwrite earlier ones.
-        writer = torch.full((n, c, out_h * out_w), -1, dtype=torch.long, device=values.device)
-        writer.scatter_reduce_(2, flat, positions, "amax")
-        taken = values.reshape(n, c, h * w).gather(2, writer.clamp(min=0))
-        top = torch.where(writer >= 0, taken, torch.zeros((), dtype=values.dtype,
-                                                          device=values.device))
+    def forward(ctx, values, index, flat, out_h: int, out_w: int):
+        n, c = values.shape[:2]
+        top = values.new_zeros((n, c, out_h * out_w + 1))
+        top.scatter_(2, torch.where(index >= 0, index, out_h * out_w),
+                     values.reshape(n, c, -1))
         ctx.save_for_backward(flat)
         ctx.bottom_shape = values.shape
-        return top.reshape(n, c, out_h, out_w)
+        return top[:, :, :-1].reshape(n, c, out_h, out_w)
 
     @staticmethod
     def backward(ctx, grad):
         (flat,) = ctx.saved_tensors
         n, c = flat.shape[:2]
-        return grad.reshape(n, c, -1).gather(2, flat).reshape(ctx.bottom_shape), None, None, None
+        values_grad = grad.reshape(n, c, -1).gather(2, flat).reshape(ctx.bottom_shape)
+        return values_grad, None, None, None, None
 
 
 @register("Upsample")
@@ -102,7 +133,7 @@ class Upsample(Layer):
                 raise self.error(
                     f"mask index {bad} is outside the {out_h}x{out_w} top; the upsampling "
                     "size must match the input of the Pooling layer that made the mask")
-        return _Unpool.apply(x, index, out_h, out_w)
+        return _unpool(x, index, out_h, out_w)
 
     def allow_force_backward(self, bottom_index: int) -> bool:
         return bottom_index == 0

@@ -26,6 +26,12 @@ RNG = np.random.default_rng(14)
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "data", "forks")
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Fillers and torch.randn draw from torch's generator: the same values each run."""
+    torch.manual_seed(int(os.environ.get("FORK_TEST_SEED", "14")))
+
+
 def net_from(text: str, phase: int = protonet.TRAIN) -> protonet.Net:
     return protonet.Net(parse_text(text, caffe_pb2.NetParameter()), phase)
 
@@ -620,3 +626,18 @@ def test_softmax_loss_class_weighting_needs_one_per_class():
         build('layer { name: "L" type: "SoftmaxWithLoss" bottom: "s" bottom: "l" top: "y" '
               'loss_param { weight_by_label_freqs: true class_weighting: 1 '
               'class_weighting: 2 } }', {"s": (1, 3, 2, 2), "l": (1, 1, 2, 2)})
+
+
+def test_unpool_last_writer_path_equals_the_fork_loops():
+    # the path CUDA takes for a mask with repeated indices, run here on the CPU
+    from protonet.layers.upsampling import unpool_last_writer
+    x = np.round(randn(2, 3, 9, 7) * 2) / 2
+    pooled, mask = max_pool_with_mask(x, 3, 2)
+    values = torch.tensor(pooled, requires_grad=True)
+    flat = torch.tensor(mask).long().reshape(2, 3, -1)
+    top = unpool_last_writer(values, flat, 9, 7)
+    np.testing.assert_array_equal(top.detach().numpy(), upsample_loops(pooled, mask, 9, 7))
+    top_diff = randn(2, 3, 9, 7)
+    top.backward(torch.tensor(top_diff))
+    np.testing.assert_array_equal(values.grad.numpy(), upsample_backward_loops(top_diff, mask))
+    assert len(np.unique(mask)) < mask.size      # the case has repeated indices
