@@ -696,6 +696,29 @@ def seeded() -> bool:
     return _seeded
 
 
+def child_seed() -> int:
+    """A seed for a generator of one's own: Caffe's `caffe_rng_rand()`, one word of
+    the main stream. Unseeded, a draw from torch's generator instead, so that
+    torch.manual_seed keeps repeating runs as before."""
+    if _seeded:
+        return caffe_rng().rand()
+    return int(torch.randint(0, 2**32, (1,), dtype=torch.int64).item())
+
+
+def child() -> CaffeRNG:
+    """A Caffe::RNG seeded with child_seed() (data transformers, prefetch shuffles)."""
+    return CaffeRNG(child_seed())
+
+
+def rand_mod(limit: int) -> int:
+    """`caffe_rng_rand() % limit` from the main stream (rand_skip); unseeded, torch's."""
+    if limit <= 0:
+        return 0
+    if _seeded:
+        return caffe_rng().rand() % limit
+    return int(torch.randint(0, limit, ()).item())
+
+
 def glibc_rand() -> GlibcRand:
     """The process's rand() stream (std::random_shuffle in HDF5Data)."""
     global _glibc
@@ -703,6 +726,13 @@ def glibc_rand() -> GlibcRand:
         if _glibc is None:
             _glibc = GlibcRand()
         return _glibc
+
+
+def reset() -> None:
+    """Forget any seed: back to the unseeded state of a fresh process (tests use it)."""
+    global _main, _seeded, _glibc
+    with _lock:
+        _main, _seeded, _glibc = None, False, None
 
 
 def set_random_seed(seed: int) -> None:
