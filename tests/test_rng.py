@@ -1,0 +1,232 @@
+"""protonet.rng: Caffe's mt19937 stream and Boost 1.74's distributions, bit for bit.
+
+Known outputs are pinned (the mt19937 reference value, glibc's rand(), values and
+hashes of what Boost 1.74 itself drew through tests/boost_random_oracle.cpp); where a
+C++ compiler and Boost's headers are present, the oracle is built and compared on
+200000 draws of each distribution, tails and redraws included.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import protonet
+from protonet import rng
+from protonet.data.transformer import DataTransformer
+from protonet.proto import caffe_pb2
+
+ORACLE = Path(__file__).with_name("boost_random_oracle.cpp")
+F32 = np.float32
+
+
+def bits(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.float32).view(np.uint32)
+
+
+def test_mt19937_reference_outputs():
+    words = rng.CaffeRNG(5489).words(10000)
+    assert words[0] == 3499211612
+    assert words[9999] == 4123659995          # the C++ standard's check value
+
+
+def test_seeding_is_init_genrand_for_every_32_bit_seed():
+    for seed in (0, 1, 42, 5489, 2**31, 2**32 - 1):
+        legacy = np.random.RandomState(seed).get_state()[1]    # numpy's init_genrand
+        assert np.array_equal(rng.init_genrand(seed), legacy)
+    # Caffe's seed is an unsigned int: solver seeds wrap mod 2**32
+    assert np.array_equal(rng.CaffeRNG(2**32 + 7).words(5), rng.CaffeRNG(7).words(5))
+
+
+def test_glibc_rand_from_srand_1():
+    r = rng.GlibcRand()
+    assert [r.rand() for _ in range(5)] == [1804289383, 846930886, 1681692777,
+                                            1714636915, 1957747793]
+
+
+def test_ziggurat_tables_have_equal_strips():
+    for xs, ys, f, strips in ((rng._NORMAL_X, rng._NORMAL_Y, lambda x: np.exp(-x * x / 2), 128),
+                              (rng._EXPONENTIAL_X, rng._EXPONENTIAL_Y, lambda x: np.exp(-x),
+                               256)):
+        assert len(xs) == len(ys) == strips + 1
+        assert xs[-1] == 0 and ys[-1] == 1 and ys[0] == 0
+        np.testing.assert_allclose(ys[1:], f(xs[1:]), rtol=1e-14)
+        area = xs[0] * ys[1]                      # the base strip's (tail included)
+        np.testing.assert_allclose(xs[1:-1] * (ys[2:] - ys[1:-1]), area, rtol=1e-12)
+
+
+def test_boost_values_pinned():
+    """The first draws Boost 1.74 makes from mt19937(42), in the oracle's order."""
+    g = rng.CaffeRNG(42)
+    normal = [float.fromhex(h) for h in (
+        "-0x1.91e69p-1 0x1.336bbap+1 -0x1.73aabp+1 -0x1.06a68p-1 -0x1.f8078p+0 "
+        "0x1.c93cp+1").split()]
+    uniform = [float.fromhex(h) for h in (
+        "0x1.978a2p-1 0x1.94c30cp-1 -0x1.105af8p-1 0x1.59993p-2 -0x1.106474p-1 "
+        "-0x1.667042p-1").split()]
+    assert np.array_equal(bits(g.gaussian(6, 0.5, 2.0)), bits(normal))
+    assert np.array_equal(bits(g.uniform(6, -1, 2)), bits(uniform))
+    assert g.bernoulli(6, 1.0 - float(F32(0.6)), double=True).tolist() == [1, 0, 0, 1, 0, 1]
+    assert g.bernoulli(6, 0.5).tolist() == [0, 0, 1, 1, 0, 0]
+    assert [g.uniform_int(k) for k in range(1, 7)] == [1, 2, 0, 0, 1, 6]
+    assert g.rand() == 787716372
+
+
+def _draws(seed: int, n: int) -> list[np.ndarray]:
+    g = rng.CaffeRNG(seed)
+    out = [bits(g.gaussian(n, 0.5, 2.0)), bits(g.uniform(n, -1, 2)),
+           g.bernoulli(n, 1.0 - float(F32(0.6)), double=True).astype(np.uint32),
+           g.bernoulli(n, 0.5).astype(np.uint32),
+           np.array([g.uniform_int(k) for k in range(1, n + 1)], dtype=np.uint32),
+           g.words(1)]
+    return out
+
+
+def test_boost_hashes_pinned():
+    """200000 draws of each (about 40 normal tails among them), hashed; the hashes
+    are those of Boost 1.74's own output for mt19937(42)."""
+    normal, uniform, keep_d, keep_f, ints, word = _draws(42, 200000)
+    digest = {name: hashlib.sha256(a.tobytes()).hexdigest()[:16] for name, a in
+              (("normal", normal), ("uniform", uniform), ("bern_d", keep_d),
+               ("bern_f", keep_f), ("uint", ints))}
+    assert digest == {"normal": "395ed3b310fcb492", "uniform": "742926afd9a7d5e5",
+                      "bern_d": "ed89ecbe4eab3000", "bern_f": "5e7c571e7da7509b",
+                      "uint": "d32be9bc698a68c9"}
+    assert word[0] == 3411704362
+
+
+@pytest.fixture(scope="module")
+def oracle(tmp_path_factory):
+    if shutil.which("g++") is None or \
+            not Path("/usr/include/boost/random/normal_distribution.hpp").exists():
+        pytest.skip("needs g++ and Boost.Random's headers")
+    binary = tmp_path_factory.mktemp("oracle") / "oracle"
+    subprocess.run(["g++", "-O1", "-o", str(binary), str(ORACLE)], check=True)
+    return binary
+
+
+@pytest.mark.parametrize("seed", [7, 2**32 - 1])
+def test_against_boost_itself(tmp_path, oracle, seed):
+    binary = oracle
+    n = 200000
+    subprocess.run([str(binary), str(seed), str(n), str(tmp_path / "out.bin")], check=True)
+    raw = np.fromfile(tmp_path / "out.bin", dtype=np.uint32)
+    theirs = np.split(raw[:-1], 5) + [raw[-1:]]
+    for name, ours, ref in zip(("normal", "uniform", "bern_d", "bern_f", "uint", "word"),
+                               _draws(seed, n), theirs):
+        assert np.array_equal(ours, ref), name
+
+
+def test_a_stream_is_the_same_however_it_is_cut():
+    whole = rng.CaffeRNG(3)
+    a, b = whole.gaussian(5000, 0, 1), whole.uniform(3000, 0, 1)
+    pieces = rng.CaffeRNG(3)
+    cut = [pieces.gaussian(k, 0, 1) for k in (1, 0, 7, 2000, 2992)]
+    cut_u = [pieces.uniform(k, 0, 1) for k in (1500, 1, 1499)]
+    assert np.array_equal(bits(np.concatenate(cut)), bits(a))
+    assert np.array_equal(bits(np.concatenate(cut_u)), bits(b))
+    assert whole.words(4).tolist() == pieces.words(4).tolist()
+
+
+def test_vectorised_normal_follows_boosts_loop():
+    """The vectorised ziggurat equals Boost's loop run one value at a time."""
+    n = 100000
+    fast = rng.CaffeRNG(11).unit_normal(n)
+    slow = rng.CaffeRNG(11)
+    words = slow.peek(2 * n)
+    at, values = 0, []
+    for _ in range(n):
+        value, used = slow._normal_slow(words, at)
+        values.append(value)
+        at += used
+    assert np.array_equal(bits(fast), bits(values))
+
+
+def test_shuffle_draws_uniform_int_from_the_back():
+    count = 300000                        # large enough for bucket redraws to happen
+    js = rng.CaffeRNG(5).shuffle_indices(count)
+    one_by_one = rng.CaffeRNG(5)
+    assert js.tolist() == [one_by_one.uniform_int(i) for i in range(count - 1, 0, -1)]
+    items = list(range(6))
+    rng.CaffeRNG(9).shuffle(items)
+    expected = list(range(6))
+    for i, j in zip(range(5, 0, -1), rng.CaffeRNG(9).shuffle_indices(6).tolist()):
+        expected[i], expected[j] = expected[j], expected[i]
+    assert items == expected and sorted(items) == list(range(6))
+
+
+def test_uniform_edges():
+    g = rng.CaffeRNG(1)
+    v = g.uniform(100000, 0, 1)
+    assert v.dtype == np.float32 and v.min() >= 0 and v.max() <= 1
+    same = g.uniform(10, 0.25, 0.25)              # [a, nextafter(a)): always a
+    assert (same == F32(0.25)).all()
+    with pytest.raises(ValueError):
+        g.uniform(1, 1, 0)
+    g = rng.CaffeRNG(1)
+    assert g.bernoulli(5, 0).tolist() == [0] * 5  # p = 0 draws nothing, as in Boost
+    assert g.words(1)[0] == rng.CaffeRNG(1).words(1)[0]
+
+
+def test_set_random_seed_makes_fillers_caffes_and_negative_does_nothing():
+    filler = caffe_pb2.FillerParameter(type="gaussian", mean=0.5, std=2.0)
+    assert not rng.seeded()
+    protonet.set_random_seed(-1)
+    assert not rng.seeded()
+    protonet.set_random_seed(42)
+    assert rng.seeded()
+    from protonet.fillers import fill
+    first = fill(filler, (2, 3)).numpy().ravel()
+    assert np.array_equal(bits(first), bits(rng.CaffeRNG(42).gaussian(6, 0.5, 2.0)))
+    protonet.set_random_seed(42)
+    assert np.array_equal(bits(fill(filler, (2, 3)).numpy().ravel()), bits(first))
+
+
+def test_unseeded_fillers_still_follow_torch_manual_seed():
+    from protonet.fillers import fill
+    filler = caffe_pb2.FillerParameter(type="xavier")
+    torch.manual_seed(3)
+    a = fill(filler, (4, 5))
+    torch.manual_seed(3)
+    assert torch.equal(fill(filler, (4, 5)), a)
+
+
+def test_dropout_mask_is_caffes_cpu_bernoulli(tmp_path):
+    prototxt = tmp_path / "drop.prototxt"
+    prototxt.write_text(
+        'layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 3 dim: 50 } } }\n'
+        'layer { name: "drop" type: "Dropout" bottom: "x" top: "y" '
+        'dropout_param { dropout_ratio: 0.3 } }\n')
+    protonet.set_random_seed(5)
+    net = protonet.Net(str(prototxt), protonet.TRAIN)
+    net.blobs["x"].data[...] = -2.0
+    net.forward()
+    keep = rng.CaffeRNG(5).bernoulli(150, 1.0 - float(F32(0.3)), double=True)
+    scale = F32(1.0 / (1.0 - float(F32(0.3))))
+    expected = np.where(keep.reshape(3, 50) == 1, F32(-2.0) * scale, F32(-0.0))
+    assert np.array_equal(bits(net.blobs["y"].data), bits(expected))
+
+
+@pytest.mark.parametrize("phase,mirror,crop,columns", [
+    (caffe_pb2.TRAIN, True, 4, [0, 1, 2]), (caffe_pb2.TRAIN, False, 4, [1, 2]),
+    (caffe_pb2.TEST, True, 4, [0]), (caffe_pb2.TEST, False, 4, []),
+    (caffe_pb2.TRAIN, True, 0, [0])])
+def test_transformer_draws_what_caffes_transform_draws(phase, mirror, crop, columns):
+    protonet.set_random_seed(8)
+    t = DataTransformer(caffe_pb2.TransformationParameter(mirror=mirror, crop_size=crop),
+                        phase)
+    t.init_rand()
+    draws = t.draw(5)
+    if not columns:
+        assert not draws.any() and rng.caffe_rng().words(1)[0] == rng.CaffeRNG(8).rand()
+        return
+    own = rng.CaffeRNG(rng.CaffeRNG(8).rand())          # seeded from the main stream
+    words = own.words(5 * len(columns)).reshape(5, len(columns))
+    assert np.array_equal(draws[:, columns], words)
+    others = [c for c in range(3) if c not in columns]
+    assert not draws[:, others].any()
