@@ -736,14 +736,17 @@ def reset() -> None:
 
 
 def set_random_seed(seed: int) -> None:
-    """Caffe::set_random_seed: the main stream restarts as mt19937(seed mod 2**32);
+    """Caffe::set_random_seed: the main stream restarts as mt19937(seed mod 2**32).
+    The rand() stream restarts at srand(1), where a fresh Caffe process has it (Caffe
+    leaves it alone; restarting makes seeded runs in one process repeat), and
     torch's, numpy's and Python's generators (for draws Caffe does not define) are
     seeded too. A negative seed leaves everything as it is."""
-    global _main, _seeded
+    global _main, _seeded, _glibc
     if seed < 0:
         return
     with _lock:
         _main = CaffeRNG(seed)
+        _glibc = None
         _seeded = True
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)

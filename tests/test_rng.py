@@ -230,3 +230,27 @@ def test_transformer_draws_what_caffes_transform_draws(phase, mirror, crop, colu
     assert np.array_equal(draws[:, columns], words)
     others = [c for c in range(3) if c not in columns]
     assert not draws[:, others].any()
+
+
+def test_hdf5_shuffle_is_caffes_random_shuffle(tmp_path, monkeypatch):
+    """Two files of 7 and 5 rows, shuffled, batches of 5: the labels BVLC Caffe's
+    HDF5Data gave (pycaffe, a fresh process), over several file and epoch wraps."""
+    h5py = pytest.importorskip("h5py")
+    monkeypatch.chdir(tmp_path)
+    for name, rows, base in (("a.h5", 7, 0), ("b.h5", 5, 100)):
+        with h5py.File(name, "w") as f:
+            labels = np.arange(rows, dtype=np.float32) + base
+            f["data"], f["label"] = labels.reshape(-1, 1), labels
+    Path("list.txt").write_text("a.h5\nb.h5\n")
+    Path("net.prototxt").write_text(
+        'layer { name: "d" type: "HDF5Data" top: "data" top: "label" '
+        'hdf5_data_param { source: "list.txt" batch_size: 5 shuffle: true } }\n')
+    protonet.set_random_seed(1)
+    net = protonet.Net("net.prototxt", protonet.TRAIN)
+    labels = []
+    for _ in range(10):
+        net.forward()
+        labels += net.blobs["label"].data.astype(int).tolist()
+    assert labels == [2, 5, 1, 6, 3, 0, 4, 102, 103, 104, 101, 100, 103, 104, 101, 102, 100,
+                      3, 5, 0, 2, 1, 6, 4, 103, 102, 101, 100, 104, 6, 3, 5, 4, 0, 1, 2, 0,
+                      6, 2, 5, 1, 4, 3, 103, 104, 101, 100, 102, 5, 0]
