@@ -254,3 +254,29 @@ def test_hdf5_shuffle_is_caffes_random_shuffle(tmp_path, monkeypatch):
     assert labels == [2, 5, 1, 6, 3, 0, 4, 102, 103, 104, 101, 100, 103, 104, 101, 102, 100,
                       3, 5, 0, 2, 1, 6, 4, 103, 102, 101, 100, 104, 6, 3, 5, 4, 0, 1, 2, 0,
                       6, 2, 5, 1, 4, 3, 103, 104, 101, 100, 102, 5, 0]
+
+
+RECURRENT_NET = """\
+layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 4 dim: 2 dim: 3 } } }
+layer { name: "c" type: "Input" top: "cont" input_param { shape { dim: 4 dim: 2 } } }
+layer { name: "s" type: "Input" top: "s" input_param { shape { dim: 2 dim: 5 } } }
+layer { name: "lstm" type: "LSTM" bottom: "x" bottom: "cont" top: "h"
+  recurrent_param { num_output: 3 weight_filler { type: "uniform" min: -1 max: 1 } bias_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "rnn" type: "RNN" bottom: "x" bottom: "cont" bottom: "s" top: "o"
+  recurrent_param { num_output: 4 weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "uniform" } } }
+layer { name: "after" type: "InnerProduct" bottom: "o" top: "after" inner_product_param { num_output: 2 axis: 2 weight_filler { type: "xavier" } } }
+"""
+
+
+def test_recurrent_layers_draw_every_unrolled_step(tmp_path):
+    """LSTM and RNN (with a static input) as Caffe fills them: its unrolled net fills
+    each time step's copies before sharing them, so a layer after them draws later
+    in the stream. The hash is of the params BVLC Caffe made (pycaffe, seed 3)."""
+    (tmp_path / "net.prototxt").write_text(RECURRENT_NET)
+    protonet.set_random_seed(3)
+    net = protonet.Net(str(tmp_path / "net.prototxt"), protonet.TRAIN)
+    blobs = [b.data for name in ("lstm", "rnn", "after") for b in net.params[name]]
+    assert [b.shape for b in blobs] == [(12, 3), (12,), (12, 3), (4, 3), (4,), (4, 5),
+                                        (4, 4), (4, 4), (4,), (2, 4), (2,)]
+    digest = hashlib.sha256(b"".join(b.astype(np.float32).tobytes() for b in blobs))
+    assert digest.hexdigest()[:16] == "0050ec2eeb7001d3"
