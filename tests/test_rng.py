@@ -280,3 +280,48 @@ def test_recurrent_layers_draw_every_unrolled_step(tmp_path):
                                         (4, 4), (4, 4), (4,), (2, 4), (2,)]
     digest = hashlib.sha256(b"".join(b.astype(np.float32).tobytes() for b in blobs))
     assert digest.hexdigest()[:16] == "0050ec2eeb7001d3"
+
+
+SHARED_NET = """\
+layer { name: "d" type: "DummyData" top: "data" top: "label"
+  dummy_data_param { shape { dim: 4 dim: 6 } shape { dim: 4 } data_filler { type: "constant" value: 1 } data_filler { type: "constant" value: 1 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param { num_output: 20 weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "uniform" } } }
+layer { name: "drop" type: "Dropout" bottom: "ip" top: "drop" dropout_param { dropout_ratio: 0.4 } }
+layer { name: "ip2" type: "InnerProduct" bottom: "drop" top: "ip2" param { name: "shared_w" } inner_product_param { num_output: 3 weight_filler { type: "xavier" } } }
+layer { name: "ip3" type: "InnerProduct" bottom: "drop" top: "ip3" param { name: "shared_w" } inner_product_param { num_output: 3 weight_filler { type: "msra" } } }
+layer { name: "sum" type: "Eltwise" bottom: "ip2" bottom: "ip3" top: "sum" }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "sum" bottom: "label" top: "loss" }
+layer { name: "acc" type: "Accuracy" bottom: "sum" bottom: "label" top: "acc" include { phase: TEST } }
+"""
+
+SHARED_SOLVER = """\
+net: "net.prototxt"
+test_iter: 1
+test_interval: 1000
+test_initialization: false
+base_lr: 0.1
+lr_policy: "fixed"
+max_iter: 10
+display: 1
+random_seed: 5
+solver_mode: CPU
+snapshot_after_train: false
+"""
+
+
+def test_solver_with_test_net_shared_params_and_dropout(tmp_path, monkeypatch):
+    """Caffe's order: the train net (ip3's msra fill is drawn, then its weight shared
+    with ip2's), the test net's fills, then Dropout masks each iteration. The values
+    pinned are BVLC Caffe's (pycaffe): params right after the solver is built, and
+    the mask and loss of the third iteration."""
+    monkeypatch.chdir(tmp_path)
+    Path("net.prototxt").write_text(SHARED_NET)
+    Path("solver.prototxt").write_text(SHARED_SOLVER)
+    solver = protonet.get_solver("solver.prototxt")
+    blobs = [b.data for name in ("ip", "ip2", "ip3") for b in solver.net.params[name]]
+    digest = hashlib.sha256(b"".join(b.astype(np.float32).tobytes() for b in blobs))
+    assert digest.hexdigest()[:16] == "d20dee2ba9c5b3c9"
+    solver.step(3)
+    mask = np.packbits((solver.net.blobs["drop"].data != 0).ravel()).tobytes().hex()
+    assert mask == "2f76288afbee56276d1e"
+    assert abs(float(solver.net.blobs["loss"].data) - 0.001384057803079486) <= 1e-8
