@@ -230,7 +230,8 @@ class Dropout(Neuron):
         ratio = self.param.dropout_param.dropout_ratio
         if self.phase == caffe_pb2.TRAIN:
             scale = float(np.float32(1.0 / (1.0 - ratio)))     # Caffe's float scale_
-            if rng.seeded():
+            if rng.seeded() and not torch.jit.is_tracing() and \
+                    not torch.compiler.is_compiling():
                 # Caffe's CPU draw, caffe_rng_bernoulli(count, 1. - threshold_) (a double
                 # p), made on the host and moved; GPU Caffe draws with curand instead.
                 keep = rng.caffe_rng().bernoulli(x.numel(), 1.0 - ratio, double=True)
