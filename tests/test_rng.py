@@ -325,3 +325,30 @@ def test_solver_with_test_net_shared_params_and_dropout(tmp_path, monkeypatch):
     mask = np.packbits((solver.net.blobs["drop"].data != 0).ravel()).tobytes().hex()
     assert mask == "2f76288afbee56276d1e"
     assert abs(float(solver.net.blobs["loss"].data) - 0.001384057803079486) <= 1e-8
+
+
+LAYERS_NET = """\
+layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 4 dim: 4 } } }
+layer { name: "ids" type: "Input" top: "ids" input_param { shape { dim: 2 dim: 5 } } }
+layer { name: "deconv" type: "Deconvolution" bottom: "x" top: "dc" convolution_param { num_output: 4 kernel_size: 3 group: 1 weight_filler { type: "msra" variance_norm: FAN_OUT } bias_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "embed" type: "Embed" bottom: "ids" top: "emb" embed_param { input_dim: 10 num_output: 6 weight_filler { type: "uniform" min: -0.5 max: 0.5 } bias_filler { type: "gaussian" std: 1 } } }
+layer { name: "bias" type: "Bias" bottom: "x" top: "b" bias_param { filler { type: "gaussian" std: 0.3 } } }
+layer { name: "scale" type: "Scale" bottom: "x" top: "s" scale_param { bias_term: true filler { type: "gaussian" std: 0.2 } bias_filler { type: "uniform" min: -1 max: 1 } } }
+layer { name: "prelu" type: "PReLU" bottom: "x" top: "p" prelu_param { filler { type: "gaussian" std: 0.05 } } }
+layer { name: "ipt" type: "InnerProduct" bottom: "x" top: "ipt" inner_product_param { num_output: 5 transpose: true weight_filler { type: "xavier" variance_norm: AVERAGE } bias_filler { type: "positive_unitball" } } }
+layer { name: "bil" type: "Deconvolution" bottom: "x" top: "up" convolution_param { num_output: 3 group: 3 kernel_size: 4 stride: 2 weight_filler { type: "bilinear" } bias_term: false } }
+layer { name: "conv" type: "Convolution" bottom: "x" top: "c" convolution_param { num_output: 2 kernel_size: 2 weight_filler { type: "gaussian" std: 1 sparse: 1 } } }
+"""
+
+
+def test_every_layer_with_fillers_in_caffes_order(tmp_path):
+    """Deconvolution, Embed, Bias, Scale (with its bias), PReLU, a transposed
+    InnerProduct, a bilinear filler (draws nothing) and a sparse Gaussian: the params
+    BVLC Caffe made for seed 11 (pycaffe), hashed in the net's param order."""
+    (tmp_path / "net.prototxt").write_text(LAYERS_NET)
+    protonet.set_random_seed(11)
+    net = protonet.Net(str(tmp_path / "net.prototxt"), protonet.TRAIN)
+    blobs = [b.data for bl in net.params.values() for b in bl]
+    assert len(blobs) == 13
+    digest = hashlib.sha256(b"".join(b.astype(np.float32).tobytes() for b in blobs))
+    assert digest.hexdigest()[:16] == "9099eff5df4044a7"
