@@ -320,6 +320,19 @@ def init_genrand(seed: int) -> np.ndarray:
     return key
 
 
+_CHUNK = 1 << 20     # values per pass: big arrays cost memory traffic, not speed
+
+
+def _chunked(n: int, draw, dtype) -> np.ndarray:
+    """draw(k) for consecutive chunks of n, in stream order, into one array."""
+    if n <= _CHUNK:
+        return draw(n)
+    out = np.empty(n, dtype=dtype)
+    for start in range(0, n, _CHUNK):
+        out[start:start + _CHUNK] = draw(min(_CHUNK, n - start))
+    return out
+
+
 class _NeedMore(Exception):
     """A block of words ran out in the middle of a draw: retry with a longer one."""
 
@@ -382,6 +395,8 @@ class CaffeRNG:
         """n values of a one-word-per-try sampler, redrawing where `ok` fails."""
         if n == 0:
             return make(self.peek(0))
+        if n > _CHUNK:
+            return _chunked(n, lambda k: self._filtered(k, make, ok), _F32)
         m = n + 16 + n // 1000
         while True:
             values = make(self.peek(m))
@@ -421,6 +436,8 @@ class CaffeRNG:
         or in double when Caffe passes a double p (Dropout's `1. - threshold_`)."""
         if p == 0:
             return np.zeros(n, dtype=np.uint8)         # Boost draws nothing for p = 0
+        if n > _CHUNK:
+            return _chunked(n, lambda k: self.bernoulli(k, p, double), np.uint8)
         w = self.words(n)
         if double:
             return (w.astype(np.float64) <= float(p) * 4294967295.0).view(np.uint8)
@@ -434,6 +451,9 @@ class CaffeRNG:
 
     def unit_normal(self, n: int) -> np.ndarray:
         """n draws of Boost's unit_normal_distribution<float>, in stream order."""
+        return _chunked(n, self._unit_normal_chunk, _F32)
+
+    def _unit_normal_chunk(self, n: int) -> np.ndarray:
         m = n + n // 16 + 64
         while True:
             try:

@@ -133,6 +133,19 @@ def test_a_stream_is_the_same_however_it_is_cut():
     assert whole.words(4).tolist() == pieces.words(4).tolist()
 
 
+def test_large_draws_go_in_chunks_without_a_seam():
+    n = rng._CHUNK + 1000
+    big = rng.CaffeRNG(4)
+    a, u, k = big.gaussian(n, 0, 1), big.uniform(n, 0, 1), big.bernoulli(n, 0.3, True)
+    small = rng.CaffeRNG(4)
+    parts = [(small.gaussian, (0, 1)), (small.uniform, (0, 1)),
+             (small.bernoulli, (0.3, True))]
+    for whole, (draw, args) in zip((a, u, k), parts):
+        sizes = [300000] * (n // 300000) + [n % 300000]
+        pieces = np.concatenate([draw(size, *args) for size in sizes])
+        assert np.array_equal(pieces.view(np.uint8), whole.view(np.uint8))
+
+
 def test_vectorised_normal_follows_boosts_loop():
     """The vectorised ziggurat equals Boost's loop run one value at a time."""
     n = 100000
