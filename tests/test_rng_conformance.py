@@ -2,6 +2,8 @@
 (../shared/conformance/rng; skips without it)."""
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -75,3 +77,76 @@ def test_solver_initial_params(golden, monkeypatch):
     for name in ("conv", "ip1", "ip2"):
         for i, blob in enumerate(solver.net.params[name]):
             same_bits(blob.data, golden[f"solver_init/{name}/{i}"], f"{name} param {i}")
+
+
+WINDOWS = """\
+# 0
+img00.png
+3
+46
+52
+5
+3 0.2 12 13 18 25
+3 0.7 12 9 46 35
+1 0.6 16 4 38 16
+2 0.9 25 8 46 21
+2 0.6 23 2 48 27
+# 1
+img02.png
+3
+53
+20
+5
+3 0.7 1 11 11 35
+2 0.9 8 15 19 52
+2 0.9 8 0 13 50
+1 0.1 9 15 19 40
+1 0.7 1 6 19 46
+# 2
+img04.png
+3
+58
+50
+5
+1 0.9 25 4 46 36
+1 0.1 10 28 46 47
+3 0.1 17 9 43 20
+3 0.6 17 6 46 48
+2 0.1 9 14 18 56
+# 3
+img06.png
+3
+51
+52
+5
+1 0.7 18 7 31 22
+2 0.9 1 19 47 31
+1 0.9 2 21 14 29
+3 0.6 22 17 47 33
+1 0.6 8 16 27 47
+"""
+
+
+def test_window_data_draws_from_its_prefetch_generator(tmp_path, monkeypatch):
+    """WindowData (TRAIN, mirror, context_pad) over the conformance images: window
+    choices and mirror coins from its PrefetchRand generator, seeded in Caffe's order.
+    Labels and a hash of 4 batches as BVLC Caffe gave them (pycaffe, seed 9)."""
+    images = folder("data", "images")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "windows.txt").write_text(WINDOWS)
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "w" type: "WindowData" top: "data" top: "label"\n'
+        '  include { phase: TRAIN }\n  transform_param { mirror: true crop_size: 8 }\n'
+        f'  window_data_param {{ source: "windows.txt" root_folder: "{images}/" '
+        'batch_size: 6 fg_threshold: 0.5 bg_threshold: 0.5 fg_fraction: 0.5 '
+        'context_pad: 1 } }\n')
+    protonet.set_random_seed(9)
+    net = protonet.Net("net.prototxt", protonet.TRAIN)
+    labels, data = [], []
+    for _ in range(4):
+        net.forward()
+        labels.append(net.blobs["label"].data.astype(int).tolist())
+        data.append(net.blobs["data"].data.astype(np.float32).tobytes())
+    assert labels == [[0, 0, 0, 1, 1, 2], [0, 0, 0, 2, 1, 3], [0, 0, 0, 3, 1, 3],
+                      [0, 0, 0, 3, 1, 2]]
+    assert hashlib.sha256(b"".join(data)).hexdigest()[:16] == "71ea69addf0782e0"
