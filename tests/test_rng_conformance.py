@@ -150,3 +150,31 @@ def test_window_data_draws_from_its_prefetch_generator(tmp_path, monkeypatch):
     assert labels == [[0, 0, 0, 1, 1, 2], [0, 0, 0, 2, 1, 3], [0, 0, 0, 3, 1, 3],
                       [0, 0, 0, 3, 1, 2]]
     assert hashlib.sha256(b"".join(data)).hexdigest()[:16] == "71ea69addf0782e0"
+
+
+def test_image_data_crop_mirror_shuffle_and_rand_skip(tmp_path, monkeypatch):
+    """ImageData in TRAIN with crop, mirror, shuffle and rand_skip, then a filled
+    layer: the main stream's draws at set-up (transformer seeds, shuffle seed,
+    rand_skip, thread seed) are Caffe's, so the next layer's weights are too. Labels
+    and hashes as BVLC Caffe gave them (pycaffe, seed 21)."""
+    images = folder("data", "images")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "d" type: "ImageData" top: "data" top: "label"\n'
+        '  include { phase: TRAIN }\n  transform_param { crop_size: 6 mirror: true }\n'
+        f'  image_data_param {{ source: "{images}/list.txt" root_folder: "{images}/" '
+        'batch_size: 5 new_height: 8 new_width: 8 shuffle: true rand_skip: 7 } }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+        'inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 1 } } }\n')
+    protonet.set_random_seed(21)
+    net = protonet.Net("net.prototxt", protonet.TRAIN)
+    weights = net.params["ip"][0].data.astype(np.float32).tobytes()
+    assert hashlib.sha256(weights).hexdigest()[:16] == "700ae7baf836efbd"
+    labels, data = [], []
+    for _ in range(5):
+        net.forward()
+        labels.append(net.blobs["label"].data.astype(int).tolist())
+        data.append(net.blobs["data"].data.astype(np.float32).tobytes())
+    assert labels == [[3, 1, 3, 1, 0], [2, 1, 2, 0, 0], [1, 3, 1, 1, 3], [0, 2, 3, 2, 1],
+                      [0, 3, 1, 0, 1]]
+    assert hashlib.sha256(b"".join(data)).hexdigest()[:16] == "20a9aaf6eca48bd6"
