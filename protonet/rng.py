@@ -303,9 +303,16 @@ def expf(x) -> np.float32:
 
 
 def _expf_array(x: np.ndarray) -> np.ndarray:
-    """expf over an array: exp in double rounded to float32, libm's expf where that
-    rounding could differ (within 2 ulp of the result's neighbours: never in practice)."""
-    out = np.exp(x.astype(np.float64)).astype(_F32)
+    """expf over an array: exp in double rounded to float32, which is the correctly
+    rounded value; glibc's expf is within 0.502 ulp, so it can only round otherwise
+    where the exact value sits that close to a halfway point: those few go to libm."""
+    exact = np.exp(x.astype(np.float64))
+    out = exact.astype(_F32)
+    if _EXPF is not None and len(out):
+        ulp = np.spacing(out).astype(np.float64)
+        halfway = np.abs(np.abs(exact - out.astype(np.float64)) / ulp - 0.5) < 0.01
+        for i in np.flatnonzero(halfway).tolist():
+            out[i] = expf(x[i])
     return out
 
 
