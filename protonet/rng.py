@@ -261,7 +261,6 @@ _EDX32 = (_EXPONENTIAL_X[:-1] - _EXPONENTIAL_X[1:]).astype(_F32)
 _EDY32 = (_EXPONENTIAL_Y[1:] - _EXPONENTIAL_Y[:-1]).astype(_F32)
 
 
-
 def _fast_limits() -> tuple[np.ndarray, np.ndarray]:
     """Per low byte of a word (strip i = byte >> 1, sign = bit 0): the word bound below
     which x = (word >> 8) * 2**-24 * x[i] stays under x[i+1] (x grows with the word,
@@ -391,12 +390,6 @@ class CaffeRNG:
         """caffe_rng_rand(): one word."""
         return int(self.words(1)[0])
 
-    def rand_mod(self, n: int, count: int | None = None):
-        """DataTransformer::Rand(n): a word % n (an int, or `count` of them)."""
-        if count is None:
-            return self.rand() % n
-        return (self.words(count) % np.uint32(n)).astype(np.int64)
-
     # -- Boost's distributions --------------------------------------------------------
     def _filtered(self, n: int, make, ok) -> np.ndarray:
         """n values of a one-word-per-try sampler, redrawing where `ok` fails."""
@@ -430,13 +423,6 @@ class CaffeRNG:
         span = _F32(hi - a)
         return self._filtered(n, lambda w: (w.astype(_F32) * _TWO_M32) * span + a,
                               lambda v: v < hi)
-
-    def uniform01(self) -> np.float32:
-        """uniform_01<float>: float(u) / 2**32, redrawn when it rounds to 1."""
-        while True:
-            v = _F32(self.words(1)[0]) * _TWO_M32
-            if v < _F32(1):
-                return v
 
     def bernoulli(self, n: int, p: float, double: bool = False) -> np.ndarray:
         """caffe_rng_bernoulli(n, p) as uint8 0/1: `u <= p * (2**32 - 1)` in float32,
