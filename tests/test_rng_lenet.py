@@ -1,7 +1,7 @@
 """A from-scratch LeNet run follows Caffe's log: the same `random_seed` gives Caffe's
 initial weights, so the loss lines agree from iteration 0 (no --weights).
 
-tests/fixtures/lenet_caffe_losses.json holds the loss lines the reference Caffe
+tests/data/lenet_caffe_losses.json holds the loss lines the reference Caffe
 printed for tools/caffe_lenet_losses.py's solver and synthetic LMDBs (which this test
 remakes). They agree to float precision until, at iteration 12, one ReLU input of
 ip1 is 1.2e-7: OpenBLAS's and torch's sums land on different sides of 0 and the
@@ -18,7 +18,7 @@ import pytest
 import protonet
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = Path(__file__).with_name("fixtures") / "lenet_caffe_losses.json"
+FIXTURE = Path(__file__).with_name("data") / "lenet_caffe_losses.json"
 EXACT_ITERATIONS = 12
 
 

@@ -9,7 +9,7 @@ Caffe's lenet_solver settings, with `random_seed`, `display: 1`, CPU mode, 100
 iterations and a short test every 50.
 
     python3 tools/caffe_lenet_losses.py --caffe /work/caffe-ref/build/tools/caffe \\
-        --write tests/fixtures/lenet_caffe_losses.json
+        --write tests/data/lenet_caffe_losses.json
 
 prints both runs' losses side by side; --write stores Caffe's (the fixture that
 tests/test_rng_lenet.py pins protonet to).
