@@ -44,7 +44,8 @@ from .datum import decode_datum, parse_datum, to_chw
 from .imageset import read_image, read_image_list
 from .lmdb_source import RecordCursor
 from .prefetch import DecodePool, Loader, default_workers
-from .transformer import Batch, DataTransformer, seeded_rng
+from .. import rng
+from .transformer import Batch, DataTransformer
 
 log = logging.getLogger("protonet")
 
@@ -148,15 +149,18 @@ class _ImageListSource(_Source):
     """Image files from a '<path> <label>' list (Caffe's ImageDataLayer)."""
 
     def __init__(self, p: caffe_pb2.ImageDataParameter, transformer: DataTransformer,
-                 skip: int):
+                 rand_skip: Callable[[int], int]):
         super().__init__(p.batch_size, transformer)
         self.list_path, self.root = p.source, p.root_folder
         self.size = (p.new_height, p.new_width)
         self.is_color = p.is_color
         self.entries = self.read_list(p.source)
-        self._rng = seeded_rng() if p.shuffle else None
+        # Caffe's order: the shuffle's own generator is seeded, the list shuffled
+        # (caffe::shuffle), then rand_skip drawn; each epoch reshuffles.
+        self._rng = rng.child() if p.shuffle else None
         if self._rng is not None:
             self._rng.shuffle(self.entries)
+        skip = rand_skip(p.rand_skip)
         if skip >= len(self.entries):
             raise DataError(f"{p.source}: rand_skip drew {skip}, but the list has only "
                             f"{len(self.entries)} images")
@@ -221,7 +225,7 @@ class _DenseImageListSource(_ImageListSource):
 
     read_list = staticmethod(read_pair_list)
 
-    def __init__(self, p, transformer: DataTransformer, skip: int):
+    def __init__(self, p, transformer: DataTransformer, rand_skip: Callable[[int], int]):
         self.crop_size = (p.crop_height, p.crop_width) if p.crop_height > 0 else None
         self.mirror = bool(p.mirror)
         # ENet's caffe: labels at 1/factor of the image size (for its encoder stage).
@@ -231,8 +235,8 @@ class _DenseImageListSource(_ImageListSource):
                             "(the crop window would not fit the smaller label image)")
         # The fork draws (rand() % 2 to mirror, then the crop's row and column offsets)
         # per item; here up front per batch, in item order, so decoding may run in parallel.
-        self._draws = seeded_rng() if self.mirror or self.crop_size else None
-        super().__init__(p, transformer, skip)
+        self._draws = rng.child() if self.mirror or self.crop_size else None
+        super().__init__(p, transformer, rand_skip)
 
     def first_shape(self, first) -> tuple[int, int, int]:
         channels, height, width = self._read(first).shape
@@ -280,7 +284,7 @@ class _DenseImageListSource(_ImageListSource):
 
     def next_batch(self) -> Batch:
         entries = [self._take() for _ in range(self.batch_size)]
-        draws = (self._draws.integers(0, 2**32, size=(len(entries), 3), dtype=np.uint64)
+        draws = (self._draws.words(3 * len(entries)).astype(np.uint64).reshape(-1, 3)
                  if self._draws is not None else np.zeros((len(entries), 3), np.uint64))
         items = self.map(self._item, zip(entries, draws))
         crops, labels = zip(*items)
@@ -324,16 +328,26 @@ class PrefetchingDataLayer(Layer):
             raise self.error("data_param.prefetch must be at least 1 (with 0 Caffe "
                              "waits forever); use configure(prefetch=False) to load "
                              "batches synchronously")
+        # Caffe's draws from the main stream, in its order: BaseDataLayer::LayerSetUp
+        # seeds the transformer, DataLayerSetUp draws what the layer needs (shuffle
+        # seed, rand_skip), BasePrefetchingDataLayer::LayerSetUp seeds the
+        # transformer again (that generator is the one used) and StartInternalThread
+        # draws the loading thread's seed (which no stock layer's loading uses).
         try:
+            self.transformer = DataTransformer(self.param.transform_param, self.phase)
+            self.transformer.init_rand()
             self.source = self.make_source()
         except DataError as e:
             raise self.located(e) from None
+        self.transformer.init_rand()
+        self.thread_seed = rng.child_seed()
 
     def make_source(self) -> _Source:
         raise NotImplementedError
 
     def make_transformer(self) -> DataTransformer:
-        return DataTransformer(self.param.transform_param, self.phase)
+        """The transformer setup made (Caffe's data_transformer_)."""
+        return self.transformer
 
     def reshape(self, bottom_shapes):
         batch = self.source.batch_size
@@ -378,8 +392,8 @@ class PrefetchingDataLayer(Layer):
         return value
 
     def rand_skip(self, limit: int) -> int:
-        """Caffe's `rand() % rand_skip`, drawn from the global generator."""
-        return int(torch.randint(0, limit, ()).item()) if limit else 0
+        """Caffe's `caffe_rng_rand() % rand_skip`, from the main stream."""
+        return rng.rand_mod(limit)
 
 
 def _shut_down(loader: Loader, source: _Source) -> None:
@@ -412,9 +426,7 @@ class ImageData(PrefetchingDataLayer):
         if (p.new_height > 0) != (p.new_width > 0):
             raise self.error("set new_height and new_width together (or neither)")
         self.positive_batch_size(p.batch_size, "image_data_param.batch_size")
-        transformer = self.make_transformer()
-        skip = self.rand_skip(p.rand_skip)
-        return _ImageListSource(p, transformer, skip)
+        return _ImageListSource(p, self.make_transformer(), self.rand_skip)
 
 
 @register("DenseImageData")
@@ -439,7 +451,7 @@ class DenseImageData(PrefetchingDataLayer):
                              "without its label image; use dense_image_data_param's mirror, "
                              "crop_height and crop_width")
         self.positive_batch_size(p.batch_size, "dense_image_data_param.batch_size")
-        return _DenseImageListSource(p, self.make_transformer(), self.rand_skip(p.rand_skip))
+        return _DenseImageListSource(p, self.make_transformer(), self.rand_skip)
 
     def reshape(self, bottom_shapes):
         batch, factor = self.source.batch_size, self.source.label_factor
@@ -469,6 +481,9 @@ class MemoryData(Layer):
         self._data: torch.Tensor | None = None
         self._labels: torch.Tensor | None = None
         self._position = 0
+        t = self.param.transform_param
+        if t.mirror or (self.phase == caffe_pb2.TRAIN and t.crop_size):
+            rng.child_seed()    # BaseDataLayer::InitRand's draw, though nothing is transformed
 
     def reshape(self, bottom_shapes):
         return [(self.batch_size, *self.item_shape), (self.batch_size,)]
@@ -590,7 +605,8 @@ class _WindowSource(_Source):
         self.num_fg = int(np.float32(p.batch_size) * np.float32(p.fg_fraction))
         self.cache = [self._file_bytes(path) for path, _ in self.images] \
             if p.cache_images else None
-        self._rng = seeded_rng()
+        # PrefetchRand's generator, seeded in DataLayerSetUp (crop_size is required).
+        self._rng = rng.child()
         means = transformer.mean_values
         if means is not None and len(means) not in (1, channels):
             raise DataError(f"{len(means)} mean_value entries for {channels} channels; "
@@ -621,8 +637,11 @@ class _WindowSource(_Source):
         for windows, count in ((self.bg, self.batch_size - self.num_fg),
                                (self.fg, self.num_fg)):
             for _ in range(count):
-                window = windows[int(self._rng.integers(0, 2**32)) % len(windows)]
-                mirror = self.transformer.mirror and bool(self._rng.integers(0, 2**32) % 2)
+                window = windows[self._rng.rand() % len(windows)]
+                # Caffe draws the coin whenever mirror is set; mirror_in_test=False
+                # only ignores it.
+                coin = self.transformer.mirror_requested and bool(self._rng.rand() % 2)
+                mirror = coin and self.transformer.mirror
                 jobs.append((window, mirror))
         data = torch.from_numpy(np.stack(self.map(self._warp, jobs)))
         labels = torch.tensor([float(w[1]) for w, _ in jobs], dtype=torch.float32)
