@@ -57,6 +57,40 @@ class DataError(ProtonetError):
     """A dataset (LMDB, HDF5, image list) is missing or malformed."""
 
 
+_ALSO: dict[tuple[type, type], type] = {}
+
+
+def also_a(error: ProtonetError, kind: type[BaseException]) -> ProtonetError:
+    """`error`, made an instance of `kind` too (a subclass of both, same message).
+
+    pycaffe scripts catch the exception types Caffe's Python bindings raise: a Python
+    layer's own exception comes back as its type, a file Caffe cannot open as a
+    RuntimeError, a missing name as a KeyError or ValueError. protonet's errors stay
+    ProtonetErrors (one readable message, the layer named) and are caught by those
+    handlers too. Types whose instances cannot share a layout (OSError) are left as is.
+    """
+    if isinstance(error, kind) or not issubclass(kind, Exception) or \
+            kind.__module__ != "builtins":
+        return error
+    key = (type(error), kind)
+    cls = _ALSO.get(key)
+    if cls is None:
+        try:
+            base = type(error)
+            cls = type(base.__name__, key, {
+                "__str__": Exception.__str__, "__module__": base.__module__,
+                # pickled as the protonet class (this one cannot be looked up by name)
+                "__reduce__": lambda self, base=base: (base, self.args, self.__dict__)})
+        except TypeError:
+            return error
+        _ALSO[key] = cls
+    try:
+        error.__class__ = cls
+    except TypeError:
+        pass
+    return error
+
+
 def closest(name: str, choices: Iterable[str], n: int = 3) -> str:
     """A ' (did you mean ...?)' hint, or '' when nothing is close."""
     choices = list(choices)

@@ -6,6 +6,7 @@ views, and `backward` leaves diffs in blobs and params.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from collections import OrderedDict
 from typing import Iterable, Sequence
@@ -14,9 +15,10 @@ import numpy as np
 import torch
 from torch.nn.utils import parametrize
 
-from .errors import NetError, ProtonetError
+from .errors import NetError, ProtonetError, also_a
 from .io.upgrade import read_net
-from .io.weights import copy_weights, save_caffemodel
+from .io.weights import (_read_hdf5, copy_trained_layers, copy_weights,
+                         save_caffemodel, save_hdf5)
 from .net.module import NetModule
 from .proto import caffe_pb2
 
@@ -36,14 +38,16 @@ def _view(tensor: torch.Tensor | None) -> np.ndarray:
 
 
 class Blob:
-    """A named blob of the net: `.data` and `.diff` are numpy arrays (views on CPU)."""
+    """A named blob of the net: `.data` and `.diff` are numpy views of its memory
+    (on CPU), and stay so across forward() and backward(), as pycaffe's do; a
+    reshape may reallocate, as in Caffe."""
 
     def __init__(self, net: "Net", blob_id: int):
         self._net, self._id = net, blob_id
 
     @property
     def data(self) -> np.ndarray:
-        return _view(self._net._value(self._id))
+        return self._net._show(self._id, diff=False)
 
     @data.setter
     def data(self, value) -> None:
@@ -52,7 +56,7 @@ class Blob:
 
     @property
     def diff(self) -> np.ndarray:
-        return _view(self._net._diff(self._id))
+        return self._net._show(self._id, diff=True)
 
     @diff.setter
     def diff(self, value) -> None:
@@ -88,7 +92,8 @@ class Blob:
         return self._legacy(3)
 
     def reshape(self, *dims: int) -> None:
-        """Give the blob a new shape (zeros); follow with net.reshape() for the rest."""
+        """Give the blob a new shape (zeros); the next forward() reshapes the rest
+        of the net, as Caffe's layers reshape in Forward (or call net.reshape())."""
         self._net._set_blob(self._id, torch.zeros(tuple(int(d) for d in dims),
                                                    device=self._net.device))
 
@@ -147,20 +152,46 @@ class ParamBlob:
 
 
 class LayerView:
-    """pycaffe's net.layers[i] / net.layer_dict[name]: type and param blobs."""
+    """pycaffe's net.layers[i] / net.layer_dict[name]: type, param blobs, and
+    setup/reshape over blobs (pycaffe's Layer wrapper)."""
 
     def __init__(self, layer):
         self._layer = layer
         self.type = layer.type
         self.name = layer.layer_name
+        self._blobs = [ParamBlob(layer, i) for i in range(len(layer.blobs))]
 
     @property
     def blobs(self) -> list[ParamBlob]:
-        return [ParamBlob(self._layer, i) for i in range(len(self._layer.blobs))]
+        if len(self._blobs) != len(self._layer.blobs):      # a Python layer's add_blob
+            self._blobs = [ParamBlob(self._layer, i) for i in range(len(self._layer.blobs))]
+        return self._blobs
 
     @property
     def module(self):
         return self._layer
+
+    @property
+    def phase(self) -> int:
+        return int(self._layer.phase)
+
+    def setup(self, bottom, top) -> None:
+        """Caffe's LayerSetUp then shapes the tops: a Python layer runs its own
+        setup; other layers were set up when the net was built."""
+        user = getattr(self._layer, "user", None)
+        if user is not None:
+            self._layer.call("setup", bottom, top)
+        self.reshape(bottom, top)
+
+    def reshape(self, bottom, top) -> None:
+        """Shape `top` blobs for `bottom` blobs' shapes, as the layer's Reshape."""
+        user = getattr(self._layer, "user", None)
+        if user is not None:
+            self._layer.call("reshape", bottom, top)
+            return
+        shapes = self._layer.reshape([tuple(b.shape) for b in bottom])
+        for blob, shape in zip(top, shapes):
+            blob.reshape(*shape)
 
     def __repr__(self) -> str:
         return f"Layer({self.name!r}, type={self.type!r})"
@@ -176,7 +207,14 @@ def _unique(tensors: list) -> list:
 
 
 class Net:
-    """A Caffe net for scripts: `Net(prototxt, phase)` or `Net(prototxt, weights, phase)`."""
+    """A Caffe net for scripts: `Net(prototxt, phase)` or `Net(prototxt, weights, phase)`.
+
+    As in Caffe, the net owns its blobs: each has a data and a diff buffer that
+    persist between calls (numpy views of them stay valid), forward() writes tops
+    into them, and backward() runs layer by layer from the top diffs held there,
+    writing bottom diffs (overwriting, so an in-place layer's bottom diff replaces
+    its top diff) and adding param diffs (they accumulate until cleared).
+    """
 
     def __init__(self, network_file, *args, weights: str | Sequence[str] | None = None,
                  phase: int | None = None, level: int = 0,
@@ -190,16 +228,20 @@ class Net:
             raise TypeError("Net(network_file, [weights], phase)")
         if phase is None:
             raise TypeError("Net needs a phase: protonet.TRAIN or protonet.TEST")
-        if isinstance(network_file, caffe_pb2.NetParameter):
-            param = network_file
-        else:
-            param = read_net(str(network_file))
-        module = NetModule(param, phase=phase, level=level, stages=list(stages))
-        self._attach(module.to(device), torch.device(device))
-        if weights:
-            single = isinstance(weights, (str, os.PathLike))
-            for path in ([weights] if single else weights):
-                self.copy_from(path)
+        try:        # Caffe's bindings raise RuntimeError for what they cannot build
+            if isinstance(network_file, caffe_pb2.NetParameter):
+                param = network_file
+            else:
+                param = read_net(os.fspath(network_file))
+            module = NetModule(param, phase=phase, level=level, stages=list(stages or ()))
+            self._attach(module.to(device), torch.device(device))
+            if weights:
+                single = isinstance(weights, (str, os.PathLike))
+                for path in ([weights] if single else weights):
+                    self.copy_from(path)
+        except ProtonetError as e:
+            also_a(e, RuntimeError)         # the same error, now a RuntimeError too
+            raise
 
     @classmethod
     def from_module(cls, module: NetModule, device: str | torch.device = "cpu") -> "Net":
@@ -211,30 +253,46 @@ class Net:
     def _attach(self, module: NetModule, device: torch.device) -> None:
         self.module = module
         self.device = device
-        self._values: list[torch.Tensor | None] = [None] * len(self.module.blob_names)
-        self._diffs: list[torch.Tensor | None] = [None] * len(self.module.blob_names)
+        count = len(module.blob_names)
+        self._values: list[torch.Tensor | None] = [None] * count
+        self._diffs: list[torch.Tensor | None] = [None] * count
+        self._shown: tuple[set, set] = (set(), set())   # blobs whose data/diff views are out
+        self._segments: dict[int, tuple] = {}   # layer -> (bottom leaves, tops) of a forward
+        self._stale_from: int | None = None     # layers from here on not reshaped yet
+        self._callbacks: dict[str, list] = {"before_forward": [], "after_forward": [],
+                                            "before_backward": [], "after_backward": []}
         self._loss_weight = {step.tops[pos]: weight for step in module.steps
                              for pos, weight in step.losses}
+        self._blobs = OrderedDict((n, Blob(self, i)) for i, n in enumerate(module.blob_names))
+        self._layers = [LayerView(layer) for layer in module.layers]
         for i in self.module.input_ids:
             self._set_blob(i, torch.zeros(self.module.blob_shapes[i], device=self.device))
 
     # -- pycaffe attributes ------------------------------------------------------
     @property
     def blobs(self) -> "OrderedDict[str, Blob]":
-        return OrderedDict((n, Blob(self, i)) for i, n in enumerate(self.module.blob_names))
+        return self._blobs
+
+    @property
+    def _blob_loss_weights(self) -> list[float]:
+        return [self._loss_weight.get(i, 0.0) for i in range(len(self.module.blob_names))]
+
+    @property
+    def blob_loss_weights(self) -> "OrderedDict[str, float]":
+        """Each blob's weight in the loss (0 for blobs that are no loss)."""
+        return OrderedDict(zip(self.module.blob_names, self._blob_loss_weights))
 
     @property
     def params(self) -> "OrderedDict[str, list[ParamBlob]]":
-        return OrderedDict((layer.layer_name, LayerView(layer).blobs)
-                           for layer in self.module.layers if len(layer.blobs))
+        return OrderedDict((view.name, view.blobs) for view in self._layers if view.blobs)
 
     @property
     def layers(self) -> list[LayerView]:
-        return [LayerView(layer) for layer in self.module.layers]
+        return list(self._layers)
 
     @property
     def layer_dict(self) -> "OrderedDict[str, LayerView]":
-        return OrderedDict((layer.layer_name, LayerView(layer)) for layer in self.module.layers)
+        return OrderedDict((view.name, view) for view in self._layers)
 
     @property
     def _layer_names(self) -> list[str]:
@@ -243,6 +301,32 @@ class Net:
     @property
     def _blob_names(self) -> list[str]:
         return list(self.module.blob_names)
+
+    @property
+    def _inputs(self) -> list[int]:
+        return list(self.module.input_ids)
+
+    @property
+    def _outputs(self) -> list[int]:
+        return list(self.module.output_ids)
+
+    def _top_ids(self, layer: int) -> list[int]:
+        return list(self.module.steps[layer].tops)
+
+    def _bottom_ids(self, layer: int) -> list[int]:
+        return list(self.module.steps[layer].bottoms)
+
+    @property
+    def top_names(self) -> "OrderedDict[str, list[str]]":
+        names = self.module.blob_names
+        return OrderedDict((self.module.layer_names[i], [names[t] for t in step.tops])
+                           for i, step in enumerate(self.module.steps))
+
+    @property
+    def bottom_names(self) -> "OrderedDict[str, list[str]]":
+        names = self.module.blob_names
+        return OrderedDict((self.module.layer_names[i], [names[b] for b in step.bottoms])
+                           for i, step in enumerate(self.module.steps))
 
     @property
     def inputs(self) -> list[str]:
@@ -256,10 +340,24 @@ class Net:
     def phase(self) -> int:
         return self.module.phase
 
+    # -- callbacks (Caffe's Net::Callback, called with the layer index) ----------------
+    def before_forward(self, callback) -> None:
+        self._callbacks["before_forward"].append(callback)
+
+    def after_forward(self, callback) -> None:
+        self._callbacks["after_forward"].append(callback)
+
+    def before_backward(self, callback) -> None:
+        self._callbacks["before_backward"].append(callback)
+
+    def after_backward(self, callback) -> None:
+        self._callbacks["after_backward"].append(callback)
+
     # -- running -----------------------------------------------------------------
     def forward(self, blobs: Sequence[str] | None = None, start: str | None = None,
                 end: str | None = None, **kwargs) -> dict[str, np.ndarray]:
-        """Run the net (or layers start..end); returns outputs (and `blobs`) as arrays."""
+        """Run the net (or layers start..end); returns views of the outputs (the
+        `end` layer's tops when given) and of `blobs`, as pycaffe."""
         for name, value in kwargs.items():
             if name not in self.inputs:
                 raise NetError(f"'{name}' is not an input blob; inputs are {self.inputs}")
@@ -271,25 +369,60 @@ class Net:
             self.blobs[name].data = value
         first = self._layer_index(start) if start is not None else 0
         last = self._layer_index(end) if end is not None else len(self.module.layers) - 1
-        need_grad = torch.is_grad_enabled() and any(self.module.layer_need_backward)
-        values = list(self._values)
-        for i in self.module.input_ids:
-            value = self._value(i).detach()
-            values[i] = value.requires_grad_(need_grad and self.module.blob_need_backward[i])
-        with torch.set_grad_enabled(need_grad):
-            self._values, _ = self.module(None, first, last, values)
+        self._reshape(first, last, only_if_changed=True)   # Caffe's layers reshape in Forward
+        self._forward(first, last)
         names = list(self.outputs) if end is None else \
             [self.module.blob_names[t] for t in self.module.steps[last].tops]
         names += [b for b in (blobs or []) if b not in names]
-        return {n: self.blobs[n].data.copy() for n in names}
+        return {n: self.blobs[n].data for n in names}
+
+    def _forward(self, first: int, last: int) -> None:
+        """Caffe's ForwardFromTo: layers first..last, tops kept in the blobs."""
+        steps = self.module.steps[first:last + 1]
+        need_grad = torch.is_grad_enabled() and \
+            any(self.module.layer_need_backward[first:last + 1])
+        made: set[int] = set()
+        values = list(self._values)
+        for step in steps:
+            for b in step.bottoms:
+                if b not in made:
+                    values[b] = self._value(b)
+            made.update(step.tops)
+        for i in range(first, last + 1):
+            self._segments.pop(i, None)
+        record = {} if need_grad else None
+        before, after = self._callbacks["before_forward"], self._callbacks["after_forward"]
+
+        def run_before(index: int, _values) -> None:
+            for callback in before:
+                callback(index)
+
+        def run_after(index: int, values_now) -> None:
+            for t in self.module.steps[index].tops:
+                self._store(t, values_now[t])
+            for callback in after:
+                callback(index)
+
+        with torch.set_grad_enabled(need_grad):
+            values, _ = self.module(None, first, last, values, record=record,
+                                    before=run_before if before else None,
+                                    after=run_after if after else None)
+        if record:
+            self._segments.update(record)
+        for t in made:
+            if values[t] is not None:
+                self._store(t, values[t])
 
     def backward(self, diffs: Sequence[str] | None = None, start: str | None = None,
                  end: str | None = None, **kwargs) -> dict[str, np.ndarray]:
         """Caffe's Backward over layers start..end (default: all, from the last).
 
-        It starts from the diffs the range's final tops hold — loss weights on loss
-        tops, whatever was written into `blob.diff`, or the keyword arguments — and
-        leaves diffs in every blob of the range and accumulates them into params.
+        Each layer that needs backward reads its top diffs as the blobs hold them
+        (loss weights on loss tops, whatever was written into `blob.diff`, the
+        keyword arguments, or what a later layer left), writes its bottom diffs
+        and adds to its param diffs. It works from the blobs the last forward()
+        made, or, when none ran, from the stored blob data. Returns views of the
+        `end` layer's bottom diffs (default: the inputs') and of `diffs`.
         """
         for name, value in kwargs.items():
             if name not in self.module.blob_index:
@@ -297,63 +430,194 @@ class Net:
             self.blobs[name].diff[...] = np.asarray(value, dtype=np.float32)
         hi = self._layer_index(start) if start is not None else len(self.module.layers) - 1
         lo = self._layer_index(end) if end is not None else 0
-        seeds, wrt = self._backward_range(lo, hi)
-        tensors = [self._values[t] for t in seeds]
-        grads = [self._diff(t).to(self._values[t].device) for t in seeds]
-        targets = [self._values[b] for b in wrt]
-        params = [p for step in self.module.steps[lo:hi + 1]
-                  for p in _leaves_of(self.module.layers[step.layer]) if p.requires_grad]
-        if tensors and (targets or params):  # as in Caffe: nothing needs backward, nothing runs
-            for t in targets:
-                t.grad = None
-            torch.autograd.backward(tensors, grads, inputs=targets + _unique(params))
-            for b, t in zip(wrt, targets):
-                self._diffs[b] = (t.grad if t.grad is not None else
-                                  torch.zeros_like(t)).detach()
-        names = list(self.inputs) + [d for d in (diffs or []) if d not in self.inputs]
-        return {n: self.blobs[n].diff.copy() for n in names}
+        for i in range(hi, lo - 1, -1):
+            for callback in self._callbacks["before_backward"]:
+                callback(i)
+            if self.module.layer_need_backward[i] and not self.module.steps[i].is_input:
+                self._backward_layer(i)
+            for callback in self._callbacks["after_backward"]:
+                callback(i)
+        names = list(self.inputs) if end is None else \
+            [self.module.blob_names[b] for b in self.module.steps[lo].bottoms]
+        names += [d for d in (diffs or []) if d not in names]
+        return {n: self.blobs[n].diff for n in names}
+
+    def _backward_layer(self, index: int) -> None:
+        """One layer's Backward: top diffs -> bottom diffs (written) and param diffs
+        (added), through autograd on the layer's own graph: the last forward's, or
+        one rebuilt from the stored blobs when there is none or a script wrote into
+        memory that graph saved (Caffe's Backward reads the blobs as they are now)."""
+        layer = self.module.layers[self.module.steps[index].layer]
+        segment = self._segments.get(index)
+        try:
+            try:
+                self._backward_through(index, segment or self._replay(index))
+            except RuntimeError as e:
+                if segment is None or "modified by an inplace operation" not in str(e):
+                    raise
+                self._segments.pop(index, None)
+                self._backward_through(index, self._replay(index))
+        except ProtonetError:
+            raise
+        except (RuntimeError, ValueError, IndexError, ZeroDivisionError) as e:
+            raise also_a(NetError(f"backward failed: {type(e).__name__}: {e}",
+                                  layer.layer_name, layer.type), RuntimeError) from e
+
+    def _backward_through(self, index: int, segment) -> None:
+        if segment is None:
+            return
+        step = self.module.steps[index]
+        leaves, tops = segment
+        wanted = [(b, leaf) for b, leaf in zip(step.bottoms, leaves) if leaf.requires_grad]
+        params = _unique([p for p in _leaves_of(self.module.layers[step.layer])
+                          if p.requires_grad])
+        outs = [(top, t) for top, t in zip(tops, step.tops) if top.requires_grad]
+        if not outs or not (wanted or params):
+            return
+        grads = [self._diff(t).to(top.device, top.dtype) for top, t in outs]
+        found = torch.autograd.grad([top for top, _ in outs],
+                                    [leaf for _, leaf in wanted] + params, grads,
+                                    retain_graph=True, allow_unused=True)
+        for (b, leaf), grad in zip(wanted, found):
+            self._store(b, grad if grad is not None else torch.zeros_like(leaf), diff=True)
+        with torch.no_grad():
+            for p, grad in zip(params, found[len(wanted):]):
+                if grad is None:
+                    continue
+                if p.grad is None:
+                    p.grad = grad.detach().clone()
+                else:
+                    p.grad.add_(grad.reshape(p.grad.shape))
+
+    def _replay(self, index: int):
+        """The layer's graph rebuilt from the stored bottoms (a backward with no
+        forward before it: Caffe's Backward reads the blobs as they are)."""
+        step = self.module.steps[index]
+        values = [None] * len(self.module.blob_names)
+        for b in step.bottoms:
+            values[b] = self._value(b)
+        record: dict = {}
+        with torch.enable_grad():
+            self.module(None, index, index, values, record=record)
+        return record.get(index)
+
+    def forward_all(self, blobs: Sequence[str] | None = None,
+                    **kwargs) -> dict[str, np.ndarray]:
+        """forward() over inputs of any length in net-sized batches (the last one
+        padded with zeros); returns each output (and `blobs`) concatenated, the
+        padding dropped."""
+        names = list(dict.fromkeys(list(self.outputs) + list(blobs or [])))
+        if not kwargs:
+            out = self.forward(blobs=blobs)
+            return {n: out[n].copy() for n in names}
+        parts: dict[str, list] = {n: [] for n in names}
+        for batch in self._batch(kwargs):
+            out = self.forward(blobs=blobs, **batch)
+            for n in names:
+                parts[n].extend(out[n].copy())
+        return self._trim(parts, len(next(iter(kwargs.values()))))
+
+    def forward_backward_all(self, blobs: Sequence[str] | None = None,
+                             diffs: Sequence[str] | None = None, **kwargs):
+        """forward() and backward() batch by batch: kwargs name inputs (for forward)
+        and outputs (their top diffs, for backward); returns (outputs, diffs), each
+        concatenated over the batches, padding dropped."""
+        out_names = list(dict.fromkeys(list(self.outputs) + list(blobs or [])))
+        diff_names = list(dict.fromkeys(list(self.inputs) + list(diffs or [])))
+        ins = {n: v for n, v in kwargs.items() if n in self.inputs}
+        tops = {n: v for n, v in kwargs.items() if n in self.outputs}
+        outs: dict[str, list] = {n: [] for n in out_names}
+        grads: dict[str, list] = {n: [] for n in diff_names}
+        for fb, bb in itertools.zip_longest(self._batch(ins) if ins else [],
+                                            self._batch(tops) if tops else [], fillvalue={}):
+            got = self.forward(blobs=blobs, **fb)
+            back = self.backward(diffs=diffs, **bb)
+            for n in out_names:
+                outs[n].extend(got[n].copy())
+            for n in diff_names:
+                grads[n].extend(back[n].copy())
+        total = len(next(iter(kwargs.values()))) if kwargs else None
+        return self._trim(outs, total), self._trim(grads, total)
+
+    @staticmethod
+    def _trim(parts: dict[str, list], total: int | None) -> dict[str, np.ndarray]:
+        arrays = {n: np.asarray(v) for n, v in parts.items()}
+        if total is not None:
+            arrays = {n: a[:total] for n, a in arrays.items()}
+        return arrays
+
+    def _batch(self, blobs: dict):
+        """Split {name: array} into net-sized batches, the last padded with zeros
+        (pycaffe's Net._batch; the batch size is the first blob's num)."""
+        num = len(next(iter(blobs.values())))
+        size = next(iter(self.blobs.values())).shape[0]
+        for i in range(0, num - num % size, size):
+            yield {name: value[i:i + size] for name, value in blobs.items()}
+        left = num % size
+        if left:
+            padded = {}
+            for name, value in blobs.items():
+                value = np.asarray(value)
+                pad = np.zeros((size - left,) + value.shape[1:], dtype=value.dtype)
+                padded[name] = np.concatenate([value[-left:], pad])
+            yield padded
 
     def input_tensors(self) -> dict[str, torch.Tensor]:
         """The input blobs' tensors, for code that runs `self.module` directly."""
         return {self.module.blob_names[i]: self._value(i) for i in self.module.input_ids}
 
     def adopt(self, values: list) -> None:
-        """Show the blob values of a pass run on `self.module` directly (the solver's)."""
-        self._values = list(values)
-        self._diffs = [None] * len(values)
-
-    def _backward_range(self, lo: int, hi: int) -> tuple[list[int], list[int]]:
-        """Blobs that start the backward of layers lo..hi (tops no later layer in the
-        range reads) and blobs that receive a diff (the rest that need a gradient)."""
-        steps = self.module.steps[lo:hi + 1]
-        last_read: dict[int, int] = {}
-        last_made: dict[int, int] = {}
-        for k, step in enumerate(steps):     # a layer reads (2k) before it writes (2k+1)
-            for b in step.bottoms:
-                last_read[b] = 2 * k
-            for t in step.tops:
-                last_made[t] = 2 * k + 1
-        seeds, wrt = [], []
-        for b in dict.fromkeys([*last_read, *last_made]):
-            value = self._values[b]
-            if value is None or not value.requires_grad:
-                continue
-            if b in last_made and last_read.get(b, -1) < last_made[b]:
-                seeds.append(b)
-            else:
-                wrt.append(b)
-        return seeds, wrt
+        """Show the blob values of a pass run on `self.module` directly (the solver's):
+        copied into buffers whose views a script holds, taken over otherwise."""
+        self._segments.clear()
+        data_out, diff_out = self._shown
+        if not data_out:
+            self._values = list(values)
+        else:
+            for i, value in enumerate(values):
+                if value is not None:
+                    self._store(i, value)
+        if not diff_out:
+            self._diffs = [None] * len(values)
 
     def reshape(self) -> None:
-        """Propagate input blob shapes through the net (pycaffe's net.reshape())."""
-        shapes = {self.module.blob_names[i]: tuple(self._value(i).shape)
-                  for i in self.module.input_ids}
-        self.module.infer_shapes(shapes)
+        """Propagate input blob shapes through the net (pycaffe's net.reshape());
+        blobs whose shape changes get new memory, as in Caffe."""
+        self._reshape(0, len(self.module.layers) - 1)
+
+    def _reshape(self, first: int, last: int, only_if_changed: bool = False) -> None:
+        """Reshape layers first..last for the shapes their outside bottoms (inputs,
+        blobs earlier layers made) hold now. With only_if_changed, nothing happens
+        unless one of those differs from the shape the net last inferred."""
+        made: set[int] = set()
+        outside: dict[int, tuple] = {}
+        for step in self.module.steps[first:last + 1]:
+            for b in step.bottoms:
+                if b not in made and self._values[b] is not None:
+                    outside[b] = tuple(self._values[b].shape)
+            if step.is_input:
+                for t in step.tops:
+                    outside[t] = tuple(self._value(t).shape)
+            made.update(step.tops)
+        stale = self._stale_from is not None and last >= self._stale_from
+        if only_if_changed and not stale and all(
+                shape == tuple(self.module.blob_shapes[b]) for b, shape in outside.items()):
+            return
+        names = self.module.blob_names
+        self.module.infer_shapes({names[b]: s for b, s in outside.items()}, first, last)
+        if last < len(self.module.layers) - 1:      # later layers keep their old shapes
+            self._stale_from = last + 1 if self._stale_from is None else \
+                min(self._stale_from, last + 1)
+        elif first == 0:
+            self._stale_from = None
+        self._segments.clear()
         for i, shape in enumerate(self.module.blob_shapes):
-            for store in (self._values, self._diffs):
+            for store, shown in zip((self._values, self._diffs), self._shown):
                 if store[i] is not None and tuple(store[i].shape) != shape:
                     store[i] = None
+                    shown.discard(i)
 
+    # -- blob memory ----------------------------------------------------------------
     def _value(self, blob_id: int) -> torch.Tensor:
         """The blob's data; a blob not computed yet is zeros, as Caffe allocates it."""
         if self._values[blob_id] is None:
@@ -369,23 +633,65 @@ class Net:
             diff = torch.full(tuple(value.shape), self._loss_weight.get(blob_id, 0.0),
                               device=value.device)
             self._diffs[blob_id] = diff
+            self._shown[1].discard(blob_id)
         return diff
+
+    def _show(self, blob_id: int, diff: bool) -> np.ndarray:
+        """A numpy view of the blob's data or diff; from now on new values are copied
+        into that memory rather than replacing it, so the view stays current."""
+        tensor = self._diff(blob_id) if diff else self._value(blob_id)
+        shown = self._shown[int(diff)]
+        if blob_id not in shown and tensor.device.type == "cpu" and \
+                tensor.dtype == torch.float32:
+            # From now on the net owns this memory: a layer's top may be a view of
+            # memory the net does not own (MemoryData serves the caller's arrays),
+            # which later passes must not write into.
+            tensor = tensor.detach().clone()
+            shown.add(blob_id)
+        elif tensor.requires_grad or tensor.grad_fn is not None:
+            tensor = tensor.detach()
+        (self._diffs if diff else self._values)[blob_id] = tensor
+        return _view(tensor)
+
+    def _store(self, blob_id: int, tensor: torch.Tensor, diff: bool = False) -> None:
+        """Make `tensor` the blob's data (or diff): into its memory when a view of it
+        is out and the shape is unchanged, else in its place."""
+        store, shown = (self._diffs, self._shown[1]) if diff else (self._values, self._shown[0])
+        current = store[blob_id]
+        if blob_id in shown and current is not None and current.shape == tensor.shape \
+                and current.device == tensor.device:
+            if current.data_ptr() != tensor.data_ptr():
+                with torch.no_grad():
+                    current.copy_(tensor.detach())
+            return
+        shown.discard(blob_id)
+        store[blob_id] = tensor.detach() if diff else tensor
 
     def _set_blob(self, blob_id: int, tensor: torch.Tensor) -> None:
         self._values[blob_id] = tensor.to(torch.float32)
         self._diffs[blob_id] = None
-
+        self._shown[0].discard(blob_id)
+        self._shown[1].discard(blob_id)
+        self._segments.clear()
 
     def _layer_index(self, name: str) -> int:
         try:
             return self.module.layer_names.index(name)
-        except ValueError:
-            raise NetError(f"no layer named '{name}'") from None
+        except ValueError:      # pycaffe's list.index raises ValueError
+            raise also_a(NetError(f"no layer named '{name}'"), ValueError) from None
 
     def set_input_arrays(self, data, labels) -> None:
         """Feed a MemoryData first layer (pycaffe's Net.set_input_arrays)."""
         from .data.layers import set_input_arrays
         set_input_arrays(self.module, data, labels)
+
+    def clear_param_diffs(self) -> None:
+        """Zero every param diff in place (Caffe's ClearParamDiffs)."""
+        with torch.no_grad():
+            for layer in self.module.layers:
+                for p in _leaves_of(layer):
+                    if p.grad is not None:
+                        p.grad.zero_()
 
     # -- weights -----------------------------------------------------------------
     def copy_from(self, path) -> None:
@@ -396,13 +702,34 @@ class Net:
 
     def save(self, path: str) -> None:
         """Write the weights as a .caffemodel (or HDF5 for .h5), atomically."""
-        save_caffemodel(self.module, path)
+        save_caffemodel(self.module, os.fspath(path))
+
+    def save_hdf5(self, path: str) -> None:
+        """Write the weights in Caffe's HDF5 layout (/data/<layer>/<i>), whatever
+        the file name (Caffe's ToHDF5)."""
+        save_hdf5(self.module, os.fspath(path))
+
+    def load_hdf5(self, path: str) -> None:
+        """Copy weights from a Caffe HDF5 weights file (CopyTrainedLayersFromHDF5)."""
+        copy_trained_layers(self.module.layers, _read_hdf5(os.fspath(path)),
+                            os.fspath(path), partial=True)
 
     def share_with(self, other: "Net") -> None:
-        """Make this net use `other`'s param tensors (pycaffe's share_with)."""
+        """Use `other`'s param data for layers of the same name (Caffe's
+        ShareTrainedLayersWith); shapes must match."""
         theirs = {layer.layer_name: layer for layer in other.module.layers}
         for layer in self.module.layers:
             source = theirs.get(layer.layer_name)
-            if source is not None and len(source.blobs) == len(layer.blobs):
-                for i, p in enumerate(source.blobs):
-                    layer.blobs[i] = p
+            if source is None or not len(source.blobs):
+                continue
+            if len(source.blobs) != len(layer.blobs):
+                raise also_a(NetError(f"has {len(layer.blobs)} param blobs, the layer it "
+                                      f"shares with {len(source.blobs)}", layer.layer_name,
+                                      layer.type), RuntimeError)
+            for i, p in enumerate(source.blobs):
+                if tuple(p.shape) != tuple(layer.blobs[i].shape):
+                    raise also_a(NetError(f"cannot share param {i}: shape "
+                                          f"{list(layer.blobs[i].shape)} vs "
+                                          f"{list(p.shape)}", layer.layer_name,
+                                          layer.type), RuntimeError)
+                layer.blobs[i] = p

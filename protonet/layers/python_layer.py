@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from ..errors import NetError, closest
+from ..errors import NetError, also_a, closest
 from .base import TEST, Layer
 from .registry import register
 
@@ -242,8 +242,8 @@ class Python(Layer):
         except NetError:
             raise
         except Exception as e:
-            raise self.error(f"{self.where}.{method}() raised {type(e).__name__}: "
-                             f"{e}") from e
+            raise also_a(self.error(f"{self.where}.{method}() raised {type(e).__name__}: "
+                                    f"{e}"), type(e)) from e
 
     def reshape(self, bottom_shapes):
         self.shape_bottoms(bottom_shapes)

@@ -405,10 +405,17 @@ class NetModule(nn.Module):
         return [self.blob_names[i] for i in self.output_ids]
 
     def forward(self, inputs: Mapping[str, torch.Tensor] | None = None, start: int = 0,
-                end: int | None = None, values: list | None = None):
+                end: int | None = None, values: list | None = None,
+                record: dict | None = None, before=None, after=None):
         """Run layers start..end (inclusive). Returns (blob values by id, loss).
 
         `values` carries blobs from an earlier partial pass (pycaffe's start=...).
+        `record` (a dict) gets, per layer that back-propagates, (bottom leaves, tops):
+        each layer's bottoms enter as leaves of their own graph, so that a later
+        Caffe-style Backward can run layer by layer from stored diffs. `before` and
+        `after` are called with (layer index, values) around each layer (Caffe's
+        Net callbacks). Either turns off the BatchNorm + Scale fusion, so every layer
+        is seen on its own.
         """
         if values is None:
             values = [None] * len(self.blob_names)
@@ -423,19 +430,31 @@ class NetModule(nn.Module):
             step = self.steps[index]
             if index == skip:           # the Scale of a BatchNorm + Scale pair, done
                 continue
+            if before is not None:
+                before(index, values)
             if step.is_input:
                 for t in step.tops:
                     if values[t] is None:
                         raise NetError(f"input blob '{self.blob_names[t]}' was not given",
                                        self.layer_names[step.layer], "Input")
+                if after is not None:
+                    after(index, values)
                 continue
-            bottoms = [values[b].detach() if d else values[b]
-                       for b, d in zip(step.bottoms, step.detach)]
+            recording = record is not None and not step.no_grad and torch.is_grad_enabled()
+            if recording:
+                bottoms = [values[b].detach().requires_grad_(
+                    not d and values[b].is_floating_point())
+                    for b, d in zip(step.bottoms, step.detach)]
+            else:
+                bottoms = [values[b].detach() if d else values[b]
+                           for b, d in zip(step.bottoms, step.detach)]
+            leaves = list(bottoms)
             if step.spatial and self.channels_last:
                 bottoms = [to_channels_last(b) for b in bottoms]
             run = layers[step.layer]
             partner = self.fused_scale.get(index)
-            if partner is not None and partner <= end:
+            if partner is not None and partner <= end and record is None and \
+                    before is None and after is None:
                 fused = layers[step.layer].with_scale(layers[self.steps[partner].layer],
                                                       bottoms[0])
                 if fused is not None:
@@ -446,17 +465,21 @@ class NetModule(nn.Module):
                         out = run(*bottoms)
                 else:
                     out = run(*bottoms)
-            except torch.OutOfMemoryError:
-                raise                   # a resource limit, which callers may handle
+            except (torch.OutOfMemoryError, NetError):
+                raise                   # a resource limit, or already says where
             except FORWARD_ERRORS as e:
                 raise self._forward_error(step, bottoms, e) from e
             if isinstance(out, torch.Tensor):
                 out = (out,)
             for t, v in zip(step.tops, out):
                 values[t] = v
+            if recording:
+                record[index] = (leaves, tuple(out))
             for pos, weight in step.losses:
                 term = out[pos].sum() * weight
                 loss = term if loss is None else loss + term
+            if after is not None:
+                after(index, values)
         return values, loss
 
     def _forward_error(self, step: Step, bottoms: list, error: Exception) -> NetError:
@@ -485,12 +508,15 @@ class NetModule(nn.Module):
         return InferenceNet(self, precision=precision, channels_last=channels_last,
                             compile=compile)
 
-    def infer_shapes(self, input_shapes: Mapping[str, Sequence[int]]) -> None:
-        """Re-run shape inference for new input shapes (pycaffe's net.reshape())."""
+    def infer_shapes(self, input_shapes: Mapping[str, Sequence[int]], first: int = 0,
+                     last: int | None = None) -> None:
+        """Re-run shape inference for new input shapes (pycaffe's net.reshape()), over
+        layers first..last (as Caffe's Forward reshapes only the layers it runs); the
+        shapes of blobs later layers make stay as they were."""
         shapes = list(self.blob_shapes)
         for name, shape in input_shapes.items():
             shapes[self.blob_index[name]] = tuple(int(d) for d in shape)
-        for step in self.steps:
+        for step in self.steps[first:None if last is None else last + 1]:
             if step.is_input:
                 continue
             layer = self.layers[step.layer]

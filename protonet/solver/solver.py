@@ -361,15 +361,20 @@ class Solver:
         learnable = self.train_module.learnable
         self._params = [entry.param for entry in learnable]
         self._lr_mults = [np.float32(entry.lr_mult) for entry in learnable]
-        groups: dict[float, list[int]] = {}
-        for i, entry in enumerate(learnable):
-            decay = f32(np.float32(p.weight_decay) * np.float32(entry.decay_mult))
-            if decay:
-                groups.setdefault(decay, []).append(i)
-        self._decay_groups = list(groups.items())     # params sharing one local decay
+        self._decay_groups = self._decay_groups_of(p)
         self._rule = rule_class(p, self._params)
         self._rates_for: float | None = None
         self._rates: list[float] = []
+        self._param_seen = p.SerializeToString()
+
+    def _decay_groups_of(self, p) -> list[tuple[float, list[int]]]:
+        """Params grouped by their local decay (weight_decay * decay_mult)."""
+        groups: dict[float, list[int]] = {}
+        for i, entry in enumerate(self.train_module.learnable):
+            decay = f32(np.float32(p.weight_decay) * np.float32(entry.decay_mult))
+            if decay:
+                groups.setdefault(decay, []).append(i)
+        return list(groups.items())
 
     # -- pycaffe view -----------------------------------------------------------------
     @property
@@ -384,6 +389,7 @@ class Solver:
     @property
     def lr(self) -> float:
         """The learning rate the next update would use."""
+        self._follow_param()
         return self._policy(self.iter, self.current_step)[0]
 
     def _module(self, index: int) -> NetModule:
@@ -452,6 +458,23 @@ class Solver:
     # -- the loop -----------------------------------------------------------------------
     def step(self, iters: int) -> None:
         """Run `iters` iterations (Caffe's Solver::Step)."""
+        self._stepping = True
+        try:
+            self._step(iters)
+        finally:
+            self._stepping = False
+            self._own_diffs()
+
+    def _own_diffs(self) -> None:
+        """Inside step() a param's diff may be the update rule's history buffer
+        (each iteration releases it first); outside, scripts read the diffs and
+        backward() adds to them, so each param gets its own copy again."""
+        history = {id(h) for h in getattr(self._rule, "history", ())}
+        for param in self._params:
+            if param.grad is not None and id(param.grad) in history:
+                param.grad = param.grad.clone()
+
+    def _step(self, iters: int) -> None:
         self._start_iter, stop_iter = self.iter, self.iter + iters
         self._losses = []
         self._timer, self._iter_last = time.perf_counter(), self.iter
@@ -548,8 +571,28 @@ class Solver:
         return self.action() if self.action is not None else NONE
 
     # -- the update ----------------------------------------------------------------------
+    def _follow_param(self) -> None:
+        """`self.param` is live, as pycaffe's solver.param: an edit (base_lr, lr_policy,
+        momentum, weight_decay, ...) takes effect on the next update, as in Caffe,
+        where every update reads the SolverParameter anew."""
+        current = self.param.SerializeToString()
+        if current == self._param_seen:
+            return
+        with _located(self.source):
+            self._rule.check(self.param)
+            self._policy = make_policy(self.param)
+        self._rule.param = self.param
+        self._decay_groups = self._decay_groups_of(self.param)
+        self._rates_for = None
+        self._param_seen = current
+
+    def share_weights(self, net) -> None:
+        """Make `net` use the train net's params (pycaffe's Solver.share_weights)."""
+        net.share_with(self.net)
+
     def apply_update(self) -> None:
         """Caffe's SGDSolver::ApplyUpdate, then count the iteration."""
+        self._follow_param()
         rate, self.current_step = self._policy(self.iter, self.current_step)
         display = bool(self.param.display) and self.iter % self.param.display == 0
         grads = self._grads()
@@ -561,6 +604,8 @@ class Solver:
         if grads and finite:
             with torch.no_grad():
                 self._update(grads, rate, display and self.param.debug_info)
+            if not getattr(self, "_stepping", False):
+                self._own_diffs()
         self.iter += 1
 
     def _unscale(self, grads: list[torch.Tensor]) -> bool:
