@@ -65,6 +65,9 @@ def model_from_args(args) -> classify.Model:
     return model
 
 
+_model = model_from_args     # the name segment (and detect) import
+
+
 def _overridden(prep: zoo.Preprocess, args) -> zoo.Preprocess:
     try:
         mean = tuple(float(v) for v in args.mean_value.split(",")) \
