@@ -449,8 +449,9 @@ def test_the_bench_runs(capsys):
 @pytest.fixture
 def tiny_ssd(tmp_path):
     """(serve flags, detect.Model, three image paths) of test_detect's tiny SSD."""
+    tiny_ssd_net = pytest.importorskip("test_detect", reason="protonet detect not built yet")
     detect = pytest.importorskip("protonet.detect", reason="protonet detect not built yet")
-    from test_detect import TINY_SSD
+    TINY_SSD = tiny_ssd_net.TINY_SSD
     protonet.set_random_seed(3)
     deploy, weights = tmp_path / "ssd.prototxt", tmp_path / "ssd.caffemodel"
     deploy.write_text(TINY_SSD)
