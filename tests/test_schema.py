@@ -41,3 +41,15 @@ def test_defaults_match_caffe():
     assert caffe_pb2.FillerParameter().type == "constant"
     assert caffe_pb2.LossParameter().normalization == caffe_pb2.LossParameter.VALID
     assert caffe_pb2.BlobShape.DESCRIPTOR.fields_by_name["dim"].GetOptions().packed
+
+
+def test_every_bvlc_field_and_enum_value_is_unchanged():
+    """tests/data/bvlc_caffe_schema.txt summarises BVLC master's caffe.proto; fork
+    fields may only add lines (tools/schema_summary.py makes both summaries)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from schema_summary import summary
+    ours = set(summary(caffe_pb2))
+    bvlc = [line for line in (ROOT / "tests" / "data" / "bvlc_caffe_schema.txt")
+            .read_text().splitlines() if line and not line.startswith("#")]
+    assert len(bvlc) > 500
+    assert [line for line in bvlc if line not in ours] == []

@@ -9,6 +9,7 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from ..errors import ParseError
 from .atomic import atomic_write
+from .forks import remap_layer_fields
 
 M = TypeVar("M", bound=pb_message.Message)
 
@@ -43,6 +44,12 @@ def parse_binary(data: bytes, message: M, path: str | None = None) -> M:
         name = message.DESCRIPTOR.full_name
         raise ParseError(f"not a valid binary {name} ({e}); the file is truncated, "
                          "corrupt, or of another kind", path) from None
+    if message.DESCRIPTOR.full_name == "caffe.NetParameter":
+        try:    # fork layers whose field numbers BVLC also uses (io/forks.py)
+            remap_layer_fields(message)
+        except (ValueError, pb_message.DecodeError) as e:
+            raise ParseError(f"a fork layer's fields do not decode ({e}); the file is "
+                             "corrupt", path) from None
     bad = _non_utf8_field(message)
     if bad:
         raise ParseError(f"field {bad} is not UTF-8 text; the file is corrupt or of "

@@ -17,6 +17,7 @@ from google.protobuf import text_format
 
 from ..errors import ParseError, closest
 from .atomic import atomic_write
+from .forks import fork_of_enum_value, fork_of_field
 
 M = TypeVar("M", bound=pb_message.Message)
 
@@ -145,13 +146,21 @@ def _located(error: text_format.ParseError, message: pb_message.Message,
     enum = _NO_ENUM.search(detail)
     if field:
         desc = _find_message(message.DESCRIPTOR, field.group(1))
-        if desc is not None:
+        fork = fork_of_field(field.group(1), field.group(2))
+        if fork is not None:
+            hint = (f" (a field of the {fork} Caffe fork, which protonet does not "
+                    "read; see docs/forks.md)")
+        elif desc is not None:
             names = [f.name for f in desc.fields]
             hint = closest(field.group(2), names) or (
                 "; valid fields: " + ", ".join(sorted(names)))
     elif enum:
         desc = _find_enum(message.DESCRIPTOR, enum.group(1))
-        if desc is not None:
+        fork = fork_of_enum_value(enum.group(1), enum.group(2))
+        if fork is not None:
+            hint = (f" (a value of the {fork} Caffe fork, which protonet does not "
+                    "read; see docs/forks.md)")
+        elif desc is not None:
             hint = "; valid values: " + ", ".join(v.name for v in desc.values)
     elif line is not None and _BAD_VALUE.match(detail):
         name = _field_before(text, _offset(text, line, column))
