@@ -10,6 +10,7 @@ tests read only those files, so cv2 4 is needed here, never at test time:
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "tests" / "data" / "forks"
 
 
+@functools.lru_cache(maxsize=None)
 def caffe_pb2():
     """protonet's generated caffe_pb2, without importing protonet (and torch)."""
     spec = importlib.util.spec_from_file_location(
@@ -35,22 +37,31 @@ def inputs(shapes: dict) -> str:
                    for name, shape in shapes.items())
 
 
+def caffemodel(name: str, blobs: dict, opencv: bool) -> bytes:
+    pb = caffe_pb2()
+    net = pb.NetParameter(name=name)
+    for layer_name, (layer_type, arrays) in blobs.items():
+        layer = net.layer.add(name=layer_name, type=layer_type)
+        for array in arrays:
+            blob = layer.blobs.add()
+            blob.shape.dim.extend(array.shape if array.ndim or not opencv else (1,))
+            blob.data.extend(array.astype(np.float32).reshape(-1).tolist())
+    return net.SerializeToString()
+
+
 def run(name: str, text: str, feeds: dict, outputs: list[str], blobs: dict | None = None):
     """Write NAME.prototxt (+ NAME.caffemodel), run OpenCV, save NAME.npz."""
     OUT.mkdir(parents=True, exist_ok=True)
     prototxt = OUT / f"{name}.prototxt"
     prototxt.write_text(text)
     if blobs:
-        pb = caffe_pb2()
-        net = pb.NetParameter(name=name)
-        for layer_name, (layer_type, arrays) in blobs.items():
-            layer = net.layer.add(name=layer_name, type=layer_type)
-            for array in arrays:
-                blob = layer.blobs.add()
-                blob.shape.dim.extend(array.shape)
-                blob.data.extend(array.astype(np.float32).reshape(-1).tolist())
-        (OUT / f"{name}.caffemodel").write_bytes(net.SerializeToString())
-        cv_net = cv2.dnn.readNetFromCaffe(str(prototxt), str(OUT / f"{name}.caffemodel"))
+        # The fork's own shapes go in the committed caffemodel (a channel-shared scale
+        # is a 0-axis blob); OpenCV cannot make 0-axis blobs, so it reads them as [1].
+        (OUT / f"{name}.caffemodel").write_bytes(caffemodel(name, blobs, opencv=False))
+        opencv_model = OUT / f"{name}.opencv.caffemodel"
+        opencv_model.write_bytes(caffemodel(name, blobs, opencv=True))
+        cv_net = cv2.dnn.readNetFromCaffe(str(prototxt), str(opencv_model))
+        opencv_model.unlink()
     else:
         cv_net = cv2.dnn.readNetFromCaffe(str(prototxt))
     cv_net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
@@ -70,11 +81,11 @@ def prior_boxes(rng):
                         "flip: true clip: true variance: 0.1 variance: 0.1 variance: 0.2 "
                         "variance: 0.2",
         "pb_two_sizes": "min_size: 10 min_size: 25 max_size: 20 max_size: 50 "
-                        "aspect_ratio: 2 flip: false variance: 0.1 step: 32 offset: 0.5",
-        "pb_img_step": "min_size: 40 aspect_ratio: 0.5 aspect_ratio: 2 flip: true "
-                       "img_h: 320 img_w: 256 step_h: 30 step_w: 28 offset: 0.25 "
+                        "aspect_ratio: 2 flip: false variance: 0.1 step: 32 offset: 0.5 clip: false",
+        "pb_steps": "min_size: 40 aspect_ratio: 0.5 aspect_ratio: 2 flip: true "
+                       "step_h: 30 step_w: 28 offset: 0.25 clip: false "
                        "variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2",
-        "pb_single": "min_size: 64 variance: 0.2",
+        "pb_single": "min_size: 64 variance: 0.2 clip: false",   # OpenCV clips by default
     }
     for name, param in configs.items():
         text += (f'layer {{ name: "{name}" type: "PriorBox" bottom: "feature" '
@@ -91,7 +102,7 @@ def softmax(x, axis=-1):
 
 def detection_output(rng, name: str, detection: str, classes: int = 4, share=True,
                      prior: str = "min_size: 30 max_size: 60 aspect_ratio: 2 flip: true "
-                                  "variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2",
+                                  "variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2 clip: false",
                      loc_scale: float = 1.0, batch: int = 2, sharpness: float = 3.0):
     h, w = 6, 5
     if "background_label_id" not in detection:
@@ -135,8 +146,8 @@ def permute_normalize(rng):
              'norm_param { across_spatial: false channel_shared: true eps: 0.01 } }\n')
     blobs = {
         "norm_channels": ("Normalize", [rng.uniform(0.5, 20, 6).astype(np.float32)]),
-        "norm_spatial": ("Normalize", [np.array([3.5], np.float32)]),
-        "norm_shared": ("Normalize", [np.array([1.5], np.float32)]),
+        "norm_spatial": ("Normalize", [np.array(3.5, np.float32)]),   # the fork's 0-axis blob
+        "norm_shared": ("Normalize", [np.array(1.5, np.float32)]),
     }
     feeds = {"data": rng.standard_normal(shape).astype(np.float32)}
     run("detection_permute_normalize", text, feeds,
@@ -161,9 +172,10 @@ def main() -> int:
     detection_output(rng, "detection_unshared",
                      "nms_param { nms_threshold: 0.5 top_k: 20 } code_type: CENTER_SIZE "
                      "keep_top_k: 25 confidence_threshold: 0.3", share=False, loc_scale=0.2)
-    detection_output(rng, "detection_eta",
-                     "nms_param { nms_threshold: 0.7 top_k: 100 eta: 0.9 } "
-                     "code_type: CENTER_SIZE confidence_threshold: 0.1 keep_top_k: 200",
+    # (OpenCV's DetectionOutput ignores nms_param.eta: tests check eta by hand.)
+    detection_output(rng, "detection_three_classes",
+                     "nms_param { nms_threshold: 0.7 top_k: 100 } "
+                     "code_type: CENTER_SIZE confidence_threshold: 0.1 keep_top_k: 40",
                      loc_scale=0.3, classes=3)
     return 0
 

@@ -4,7 +4,7 @@ from .registry import layer_class, register, registered_types
 
 # Importing a family module registers its layer types.
 from . import (  # noqa: F401,E402
-    classification, conv, inner_product, input, loss, lrn, neuron, normalization,
+    classification, conv, detection, inner_product, input, loss, lrn, neuron, normalization,
     pooling, python_layer, recurrent, structure,
 )
 
