@@ -197,18 +197,33 @@ def greedy_nms(iou: np.ndarray, valid: np.ndarray, threshold: float,
     side: iou [C, K, K], valid [C, K] -> kept [C, K]. A candidate is kept when its
     overlap with every kept one is at most the class's current threshold, which eta
     shrinks after each kept box while it is above 0.5."""
+    if eta >= 1:
+        return _greedy_fixed(iou > threshold, valid)
     classes, k = valid.shape
     kept = np.zeros_like(valid)
     limit = np.full(classes, threshold, dtype=np.float32)
-    adapt = eta < 1
     for j in range(k):
         clash = (iou[:, j, :j] > limit[:, None]) & kept[:, :j]
         keep = valid[:, j] & ~clash.any(axis=1)
         kept[:, j] = keep
-        if adapt:
-            shrink = keep & (limit > 0.5)
-            limit[shrink] *= np.float32(eta)
+        shrink = keep & (limit > 0.5)
+        limit[shrink] *= np.float32(eta)
     return kept
+
+
+def _greedy_fixed(overlapping: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """The same with a fixed threshold, one step per kept box: the first candidate no
+    kept box overlaps is kept, and strikes out the later ones it overlaps."""
+    alive = valid.copy()
+    kept = np.zeros_like(valid)
+    while True:
+        rows = np.flatnonzero(alive.any(axis=1))
+        if not len(rows):
+            return kept
+        first = alive[rows].argmax(axis=1)
+        kept[rows, first] = True
+        alive[rows] &= ~overlapping[rows, first]
+        alive[rows, first] = False
 
 
 @register("DetectionOutput")
