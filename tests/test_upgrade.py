@@ -29,6 +29,20 @@ def upgraded(text: str, source: str = "old.prototxt") -> caffe_pb2.NetParameter:
         return upgrade_net(net(text), source)
 
 
+def upgraded_quietly(text: str, caplog, source: str = "old.prototxt"):
+    """upgrade_net of `text` that only needs the input upgrade: an INFO log line
+    naming `source`, no Python warning (most published deploy files use input:)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with caplog.at_level("INFO", logger="protonet"):
+            result = upgrade_net(net(text), source)
+    if net(text).input:
+        assert any(source in r.getMessage() and "Input layer" in r.getMessage()
+                   and r.levelname == "INFO" for r in caplog.records)
+    return result
+
+
 def assert_same(actual, expected) -> None:
     if actual != expected:
         diff = difflib.unified_diff(to_text(expected).splitlines(),
@@ -180,7 +194,7 @@ def test_v1_layers_mixed_with_layer_is_refused():
 
 # --- net inputs, BatchNorm ----------------------------------------------------
 
-def test_input_dims_become_a_leading_input_layer():
+def test_input_dims_become_a_leading_input_layer(caplog):
     old = """input: "a" input: "b"
              input_dim: 1 input_dim: 2 input_dim: 3 input_dim: 4
              input_dim: 5 input_dim: 6 input_dim: 7 input_dim: 8
@@ -189,14 +203,14 @@ def test_input_dims_become_a_leading_input_layer():
                           input_param { shape { dim: 1 dim: 2 dim: 3 dim: 4 }
                                         shape { dim: 5 dim: 6 dim: 7 dim: 8 } } }
                    layer { name: "add" type: "Eltwise" bottom: "a" bottom: "b" top: "c" }"""
-    assert_same(upgraded(old), net(expected))
+    assert_same(upgraded_quietly(old, caplog), net(expected))
 
 
-def test_input_shape_becomes_input_layer_and_bare_input_is_dropped():
+def test_input_shape_becomes_input_layer_and_bare_input_is_dropped(caplog):
     shaped = 'input: "a" input_shape { dim: 3 }'
-    assert_same(upgraded(shaped), net(
+    assert_same(upgraded_quietly(shaped, caplog), net(
         'layer { name: "input" type: "Input" top: "a" input_param { shape { dim: 3 } } }'))
-    assert_same(upgraded('input: "a"'), net(""))
+    assert_same(upgraded_quietly('input: "a"', caplog), net(""))
 
 
 def test_too_few_input_dims_is_an_error():

@@ -42,6 +42,8 @@ def blob_to_array(blob: caffe_pb2.BlobProto, diff: bool = False,
         raise WeightsError(f"{where}: {problem}")
     if diff:
         values = blob.double_diff if len(blob.double_diff) else blob.diff
+    elif blob.raw_data:
+        values = _raw_values(blob, where)
     else:
         values = blob.double_data if len(blob.double_data) else blob.data
     array = np.asarray(values, dtype=np.float32)
@@ -50,6 +52,29 @@ def blob_to_array(blob: caffe_pb2.BlobProto, diff: bool = False,
         raise WeightsError(f"{where}: holds {array.size} values but its shape "
                            f"{list(shape)} needs {count}")
     return array.reshape(shape if shape else (count,))
+
+
+# NVCaffe's / OpenCV's BlobProto.raw_data: little-endian values of raw_data_type.
+_RAW_DTYPES = {caffe_pb2.FLOAT16: np.dtype("<f2"), caffe_pb2.FLOAT: np.dtype("<f4"),
+               caffe_pb2.DOUBLE: np.dtype("<f8")}
+
+
+def _raw_values(blob: caffe_pb2.BlobProto, where: str) -> np.ndarray:
+    """The values of a blob stored as raw bytes (fp16 in cv2.dnn.shrinkCaffeModel's
+    and NVCaffe's files), widened to float32 by the caller."""
+    if not blob.HasField("raw_data_type"):
+        raise WeightsError(f"{where}: has raw_data but no raw_data_type (FLOAT16, "
+                           "FLOAT or DOUBLE)")
+    dtype = _RAW_DTYPES.get(blob.raw_data_type)
+    if dtype is None:
+        name = caffe_pb2.Type.Name(blob.raw_data_type)
+        raise WeightsError(f"{where}: raw_data_type {name} is not a float type; "
+                           "expected FLOAT16, FLOAT or DOUBLE")
+    if len(blob.raw_data) % dtype.itemsize:
+        raise WeightsError(f"{where}: raw_data has {len(blob.raw_data)} bytes, not a "
+                           f"whole number of {dtype.itemsize}-byte "
+                           f"{caffe_pb2.Type.Name(blob.raw_data_type)} values")
+    return np.frombuffer(blob.raw_data, dtype=dtype)
 
 
 def array_to_blob(array, blob: caffe_pb2.BlobProto | None = None,
@@ -145,7 +170,12 @@ def copy_trained_layers(layers: Iterable, source: caffe_pb2.NetParameter,
     files), an index past the layer's last blob in the file.
     """
     layers = list(layers)
-    by_name = {layer.layer_name: layer for layer in layers}
+    by_name: dict = {}
+    for layer in layers:    # the first of a name, as Caffe searches, preferring one
+        known = by_name.get(layer.layer_name)   # with params (see below)
+        if known is None or (not len(known.blobs) and len(layer.blobs)):
+            by_name[layer.layer_name] = layer
+    _refuse_ambiguous_names(layers, source, path)
     owner: dict[int, tuple[str, int]] = {}      # stored param -> first (layer, index)
     for layer in layers:
         for j in range(len(layer.blobs)):
@@ -183,6 +213,31 @@ def copy_trained_layers(layers: Iterable, source: caffe_pb2.NetParameter,
         if src.blobs:
             copied.append(src.name)
     return copied
+
+
+def _refuse_ambiguous_names(layers: list, source: caffe_pb2.NetParameter,
+                            path: str) -> None:
+    """Duplicate layer names are fine (Caffe builds such nets) unless weights would
+    go by that name: Caffe's CopyTrainedLayersFrom copies every file layer of a name
+    into the net's first layer of that name, silently leaving the others filled
+    at random or overwriting one file layer with another; protonet refuses."""
+    in_net: dict[str, list] = {}
+    for layer in layers:
+        in_net.setdefault(layer.layer_name, []).append(layer)
+    in_file: dict[str, int] = {}
+    for src in source.layer:
+        if src.blobs:
+            in_file[src.name] = in_file.get(src.name, 0) + 1
+    for name, count in in_file.items():
+        targets = in_net.get(name, [])
+        with_params = [t for t in targets if len(t.blobs)]
+        if len(with_params) > 1:
+            raise WeightsError(f"{path}: the net has {len(targets)} layers named '{name}' "
+                               f"and {len(with_params)} of them have params; weights are "
+                               "copied by layer name, so rename them")
+        if count > 1 and with_params:
+            raise WeightsError(f"{path}: the file has {count} layers named '{name}' with "
+                               "weights; which one the net's layer gets is ambiguous")
 
 
 def _stored_param(layer, index: int) -> torch.Tensor:
@@ -241,6 +296,12 @@ def save_hdf5(module, path: str, write_diff: bool = False) -> None:
             owned = {id(entry.param) for entry in module.learnable}
             written: set[int] = set()
             for layer in module.layers:
+                if layer.layer_name in data:        # a duplicate name (Caffe aborts)
+                    if len(layer.blobs):
+                        raise WeightsError(f"{path}: two layers are named "
+                                           f"'{layer.layer_name}' and one has params; "
+                                           "HDF5 weights are stored by layer name")
+                    continue
                 g = data.create_group(layer.layer_name)
                 gd = diff.create_group(layer.layer_name) if diff is not None else None
                 for j, p in enumerate(layer.blobs):

@@ -7,5 +7,6 @@ from . import (  # noqa: F401,E402
     classification, conv, detection, inner_product, input, loss, lrn, neuron, normalization,
     pooling, python_layer, recurrent, structure,
 )
+from . import channel_ops, roi  # noqa: F401,E402  (Caffe forks' layers: docs/forks.md)
 
 __all__ = ["Layer", "layer_class", "register", "registered_types"]

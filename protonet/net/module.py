@@ -8,6 +8,7 @@ blob ids, so a forward pass does no graph walking and no name lookups.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
@@ -24,6 +25,8 @@ from ..proto import caffe_pb2
 from ..speed import to_channels_last
 from .splits import insert_splits
 from .state import filter_net
+
+log = logging.getLogger("protonet")
 
 PERMISSIVE = caffe_pb2.ParamSpec.PERMISSIVE
 # Layers torch runs faster on channels-last (NHWC) bottoms on the CPU (oneDNN
@@ -159,7 +162,12 @@ class NetModule(nn.Module):
                                f"must have none or one per bottom ({len(lp.bottom)})",
                                lp.name, lp.type)
             if lp.name in self.layer_names:
-                raise NetError("duplicate layer name", lp.name, lp.type)
+                # Caffe's Net::Init accepts this (HED names five Crop layers alike);
+                # only copying weights by name can be ambiguous, and that step
+                # (io.weights) refuses it where it is.
+                log.warning("layer '%s' (%s): another layer has this name; weights "
+                            "are copied by name, so only layers without params may "
+                            "share one", lp.name, lp.type)
             too_big = _over_int_range(lp)
             if too_big:
                 raise NetError(f"{too_big} is over 2147483647; Caffe reads this field as an "
