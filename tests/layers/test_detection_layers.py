@@ -32,10 +32,10 @@ def fixture(name: str):
 
 
 def fixture_net(name: str, weights: bool = False) -> protonet.Net:
-    model = str(DATA / f"{name}.caffemodel") if weights else None
-    with pytest.warns(UserWarning, match="net-level input"):
-        return protonet.Net(str(DATA / f"{name}.prototxt"), model, protonet.TEST) \
-            if model else protonet.Net(str(DATA / f"{name}.prototxt"), protonet.TEST)
+    if weights:
+        return protonet.Net(str(DATA / f"{name}.prototxt"), str(DATA / f"{name}.caffemodel"),
+                            protonet.TEST)
+    return protonet.Net(str(DATA / f"{name}.prototxt"), protonet.TEST)
 
 
 def canonical(rows: np.ndarray) -> np.ndarray:
@@ -340,9 +340,8 @@ def test_normalize_learns_its_scale_through_the_net():
 def test_detection_layers_on_cuda():
     data = fixture("detection_center_size")
     for device in ("cpu", "cuda"):
-        with pytest.warns(UserWarning):
-            net = protonet.Net(str(DATA / "detection_center_size.prototxt"), protonet.TEST,
-                               device=device)
+        net = protonet.Net(str(DATA / "detection_center_size.prototxt"), protonet.TEST,
+                           device=device)
         out = net.forward(**{k[3:]: data[k] for k in data.files if k.startswith("in_")})
         if device == "cpu":
             cpu = out["detection_out"]
