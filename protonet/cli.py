@@ -17,7 +17,7 @@ from .errors import ProtonetError
 
 # Subcommand modules, in the order `protonet --help` lists them.
 COMMANDS = ["train", "test", "time", "device_query", "upgrade", "data_tools", "zoo",
-            "finetune", "classify", "detect", "draw_net", "logs", "export", "sweep"]
+            "finetune", "classify", "detect", "annoset", "draw_net", "logs", "export", "sweep"]
 
 
 def build_parser() -> argparse.ArgumentParser:
