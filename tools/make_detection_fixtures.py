@@ -81,7 +81,8 @@ def prior_boxes(rng):
                         "flip: true clip: true variance: 0.1 variance: 0.1 variance: 0.2 "
                         "variance: 0.2",
         "pb_two_sizes": "min_size: 10 min_size: 25 max_size: 20 max_size: 50 "
-                        "aspect_ratio: 2 flip: false variance: 0.1 step: 32 offset: 0.5 clip: false",
+                        "aspect_ratio: 2 flip: false variance: 0.1 step: 32 offset: 0.5 "
+                        "clip: false",
         "pb_steps": "min_size: 40 aspect_ratio: 0.5 aspect_ratio: 2 flip: true "
                        "step_h: 30 step_w: 28 offset: 0.25 clip: false "
                        "variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2",
@@ -102,7 +103,8 @@ def softmax(x, axis=-1):
 
 def detection_output(rng, name: str, detection: str, classes: int = 4, share=True,
                      prior: str = "min_size: 30 max_size: 60 aspect_ratio: 2 flip: true "
-                                  "variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2 clip: false",
+                                  "variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2 "
+                                  "clip: false",
                      loc_scale: float = 1.0, batch: int = 2, sharpness: float = 3.0):
     h, w = 6, 5
     if "background_label_id" not in detection:
