@@ -122,3 +122,27 @@ def test_unknown_field_of_no_fork_keeps_the_plain_error():
     with pytest.raises(ParseError, match=r'no field named "foo_param"') as e:
         parse_text('layer { foo_param { } }', caffe_pb2.NetParameter())
     assert "fork" not in str(e.value)
+
+
+def test_other_forks_fields_under_fork_numbers_are_parked_not_misread():
+    """open_nsfw's caffemodel (Yahoo's CaffeOnSpark) holds a string at LayerParameter
+    10001 in its MemoryData layer, R-FCN's psroi_pooling_param number; that layer type
+    does not read it, so it is kept as an unknown field instead of failing to decode.
+    A PSROIPooling layer still reads 10001 as its param."""
+    spark = (caffe_pb2.LayerParameter(name="data", type="MemoryData").SerializeToString()
+             + _encode_varint(10001 << 3 | 2) + bytes([33])
+             + b"com.yahoo.ml.caffe.ImageDataFrame")
+    with pytest.raises(Exception):      # what the schema alone makes of it
+        caffe_pb2.LayerParameter().ParseFromString(spark)
+    psroi = _fork_layer("PSROIPooling", 10001,
+                        caffe_pb2.PSROIPoolingParameter(output_dim=21, group_size=7))
+    net = parse_binary(_net(spark, psroi), caffe_pb2.NetParameter())
+    assert net.layer[0].type == "MemoryData"
+    assert not net.layer[0].HasField("psroi_pooling_param")
+    assert net.layer[1].psroi_pooling_param.output_dim == 21
+
+
+def test_a_truncated_net_still_says_so():
+    data = _net(_fork_layer("Interp", 143, caffe_pb2.InterpParameter(height=9)))
+    with pytest.raises(ParseError, match="not a valid binary caffe.NetParameter"):
+        parse_binary(data[:-3], caffe_pb2.NetParameter())

@@ -9,7 +9,7 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from ..errors import ParseError
 from .atomic import atomic_write
-from .forks import remap_layer_fields
+from .forks import park_foreign_fork_fields, remap_layer_fields
 
 M = TypeVar("M", bound=pb_message.Message)
 
@@ -37,6 +37,11 @@ def read_binary(path: str, message: M) -> M:
 
 
 def parse_binary(data: bytes, message: M, path: str | None = None) -> M:
+    if message.DESCRIPTOR.full_name == "caffe.NetParameter":
+        try:    # other forks' fields under numbers this schema uses (io/forks.py)
+            data = park_foreign_fork_fields(data) or data
+        except ValueError:
+            pass                # not well-formed: protobuf's parse below says how
     try:
         message.Clear()
         message.ParseFromString(data)

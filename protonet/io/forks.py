@@ -142,3 +142,82 @@ def remap_layer_fields(net) -> int:
             layer.ParseFromString(renumbered)
             changed += 1
     return changed
+
+
+# LayerParameter numbers this schema gives to fork params -> the layer types that
+# read them. Other forks use some of these numbers for other things (Yahoo's
+# CaffeOnSpark writes a string at 10001, R-FCN's psroi_pooling_param, into the data
+# layer of open_nsfw's caffemodel), so in a binary file such a field of a layer of
+# another type is parked under PARK_BASE + its number: kept, but unknown to the schema.
+FORK_LAYER_FIELDS: dict[int, frozenset[str]] = {
+    45: frozenset({"BN"}), 46: frozenset({"DenseImageData"}),
+    164: frozenset({"ShuffleChannel"}),
+    200: frozenset({"AnnotatedData"}), 201: frozenset({"MultiBoxLoss"}),
+    202: frozenset({"Permute"}), 203: frozenset({"PriorBox"}),
+    204: frozenset({"DetectionOutput"}), 205: frozenset({"DetectionEvaluate"}),
+    206: frozenset({"Normalize"}), 207: frozenset({"VideoData"}),
+    10000: frozenset({"BoxAnnotatorOHEM"}), 10001: frozenset({"PSROIPooling"}),
+    8266711: frozenset({"ROIPooling"}), 8266712: frozenset({"SmoothL1Loss"}),
+    ALIAS_BASE + 137: frozenset({"Upsample"}), ALIAS_BASE + 143: frozenset({"Interp"}),
+}
+PARK_BASE = 500_000_000
+
+
+def _fields(data, start: int = 0, end: int | None = None):
+    """(number, wire type, field start, payload start, field end) of each top-level
+    field of the message in data[start:end]."""
+    end = len(data) if end is None else end
+    i = start
+    while i < end:
+        begin = i
+        tag, i = _varint(data, i)
+        number, wire = tag >> 3, tag & 7
+        payload = i
+        if wire == 0:
+            _, i = _varint(data, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 2:
+            size, payload = _varint(data, i)
+            i = payload + size
+        elif wire == 5:
+            i += 4
+        else:
+            raise ValueError(f"wire type {wire}")
+        if i > end:
+            raise ValueError("truncated field")
+        yield number, wire, begin, payload, i
+
+
+def park_foreign_fork_fields(data: bytes) -> bytes | None:
+    """A binary NetParameter with fork-numbered fields of layers that do not read
+    them parked (see FORK_LAYER_FIELDS), or None when nothing needs parking."""
+    view = memoryview(data)
+    pieces: list = []
+    done = 0
+    for number, wire, begin, payload, end in _fields(view):
+        if number != 100 or wire != 2:
+            continue
+        layer_type, foreign = None, []
+        for n, w, b, p, e in _fields(view, payload, end):
+            if n == 2 and w == 2:
+                layer_type = bytes(view[p:e]).decode("utf-8", "replace")
+            elif n in FORK_LAYER_FIELDS:
+                foreign.append((n, w, b, p, e))
+        foreign = [f for f in foreign if layer_type not in FORK_LAYER_FIELDS[f[0]]]
+        if not foreign:
+            continue
+        body, at = [], payload
+        for n, w, b, p, e in foreign:
+            tag_end = b + len(_encode_varint(n << 3 | w))
+            body += [view[at:b], _encode_varint((PARK_BASE + n) << 3 | w), view[tag_end:e]]
+            at = e
+        body.append(view[at:end])
+        layer = b"".join(body)
+        pieces += [view[done:begin], _encode_varint(100 << 3 | 2),
+                   _encode_varint(len(layer)), layer]
+        done = end
+    if not pieces:
+        return None
+    pieces.append(view[done:])
+    return b"".join(pieces)

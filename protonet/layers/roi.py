@@ -4,11 +4,13 @@ ROIPooling and SmoothL1Loss follow rbgirshick/caffe-fast-rcnn (branch faster-rcn
 roi_pooling_layer.cu, smooth_L1_loss_layer.cu); PSROIPooling follows R-FCN's
 daijifeng001/caffe-rfcn (psroi_pooling_layer.cu). Box coordinates are rounded as C's
 round() does (halves away from zero) and bins are computed in float32, as the
-forks do, so every bin covers the same cells. Forward is vectorised torch (no loop
-over boxes), so these run on CUDA; backward is autograd through a gather of the
-chosen cells, which is the forks' own gradient (ROIPooling: all of a bin's gradient
-to its first maximal cell in row-major order; PSROIPooling: spread evenly over the
-bin; neither sends a gradient to the boxes).
+forks do, so every bin covers the same cells. ROIPooling runs torch's adaptive max
+pooling on each box's crop where its float32 bins equal adaptive pooling's integer
+bins (checked per box; nearly always) and a vectorised gather otherwise;
+PSROIPooling sums bins from a float64 summed-area table. All torch ops, so they run
+on CUDA; backward is autograd, which is the forks' own gradient (ROIPooling: all of a
+bin's gradient to its first maximal cell in row-major order; PSROIPooling: spread
+evenly over the bin; neither sends a gradient to the boxes).
 """
 from __future__ import annotations
 
@@ -61,6 +63,8 @@ class ROIPooling(Layer):
 
     # Gathered elements per chunk of boxes (bounds memory on large feature maps).
     CHUNK_ELEMENTS = 1 << 25
+    # Adaptive pooling per box where its bins allow (tests turn it off to compare).
+    use_adaptive = True
 
     def setup(self, bottom_shapes):
         p = self.param.roi_pooling_param
@@ -82,28 +86,63 @@ class ROIPooling(Layer):
         index, boxes = _boxes(self, rois, n)
         if index.numel() == 0:
             return data.new_zeros((0, c) + self.pooled)
+        ph, pw = self.pooled
         with torch.no_grad():
             scale = torch.tensor(self.spatial_scale, dtype=torch.float32, device=data.device)
             start_w, start_h, end_w, end_h = c_round(boxes * scale).long().unbind(1)
-            hs, he = self._bins(start_h, end_h, self.pooled[0], h)
-            ws, we = self._bins(start_w, end_w, self.pooled[1], w)
-        per_box = self.pooled[0] * max(int((he - hs).max()), 1) * c * w
-        step = max(1, self.CHUNK_ELEMENTS // max(per_box, 1))
-        tops = [self._pool(data, index[i:i + step], hs[i:i + step], he[i:i + step],
-                           ws[i:i + step], we[i:i + step])
-                for i in range(0, index.numel(), step)]
-        return torch.cat(tops) if len(tops) > 1 else tops[0]
+            hs, he, exact_h = self._bins(start_h, end_h, ph, h)
+            ws, we, exact_w = self._bins(start_w, end_w, pw, w)
+            empty = (he <= hs)[:, :, None] | (we <= ws)[:, None, :]       # (R, PH, PW)
+            exact = exact_h & exact_w
+            plan = torch.stack([index, start_h, end_h, start_w, end_w, exact.long()], 1)
+        tops: list = [None] * index.numel()
+        # Boxes whose float32 bins equal integer adaptive-pooling bins (nearly all):
+        # adaptive max pooling of the box's crop, padded with -inf where the box
+        # leaves the map. It takes the first maximum in row-major order, as the fork.
+        for r, (b, y0, y1, x0, x1, fast) in enumerate(plan.tolist()):
+            if not (fast and self.use_adaptive):
+                continue
+            rh, rw = max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1)
+            top_, left = max(y0, 0), max(x0, 0)
+            bottom, right = min(y0 + rh, h), min(x0 + rw, w)
+            if bottom <= top_ or right <= left:
+                tops[r] = data.new_zeros((c, ph, pw))
+                continue
+            crop = data[b, :, top_:bottom, left:right]
+            crop = torch.nn.functional.pad(
+                crop, (left - x0, x0 + rw - right, top_ - y0, y0 + rh - bottom),
+                value=float("-inf"))
+            tops[r] = torch.nn.functional.adaptive_max_pool2d(crop[None], (ph, pw))[0]
+        rest = [r for r, top in enumerate(tops) if top is None]
+        if rest:
+            pick = torch.tensor(rest, device=data.device)
+            step = max(1, self.CHUNK_ELEMENTS // max(ph * max(int((he - hs).max()), 1)
+                                                      * c * w, 1))
+            for i in range(0, len(rest), step):
+                chunk = pick[i:i + step]
+                pooled = self._pool(data, index[chunk], hs[chunk], he[chunk], ws[chunk],
+                                    we[chunk])
+                for j, r in enumerate(rest[i:i + step]):
+                    tops[r] = pooled[j]
+        top = torch.stack(tops)
+        zero = torch.zeros((), dtype=top.dtype, device=top.device)
+        return torch.where(empty[:, None], zero, top)
 
     @staticmethod
     def _bins(start, end, pooled: int, size: int):
-        """Each bin's [start, end) cells along one axis, as the fork computes them."""
-        extent = torch.clamp(end - start + 1, min=1).float()
-        bin_size = extent / torch.tensor(float(pooled), dtype=torch.float32,
-                                          device=extent.device)
-        p = torch.arange(pooled, device=start.device, dtype=torch.float32)
-        lo = torch.floor(p[None] * bin_size[:, None]).long() + start[:, None]
-        hi = torch.ceil((p[None] + 1) * bin_size[:, None]).long() + start[:, None]
-        return lo.clamp(0, size), hi.clamp(0, size)
+        """Each bin's [start, end) cells along one axis, as the fork computes them
+        (float32), clamped to the map; and whether, per box, they equal the integer
+        bins floor(i * n / p), ceil((i + 1) * n / p) of adaptive pooling."""
+        extent = torch.clamp(end - start + 1, min=1)
+        bin_size = extent.float() / torch.tensor(float(pooled), dtype=torch.float32,
+                                                  device=extent.device)
+        p = torch.arange(pooled, device=start.device)
+        lo = torch.floor(p[None].float() * bin_size[:, None]).long()
+        hi = torch.ceil((p[None] + 1).float() * bin_size[:, None]).long()
+        exact = ((lo == (p[None] * extent[:, None]) // pooled)
+                 & (hi == -((-(p[None] + 1) * extent[:, None]) // pooled))).all(1)
+        lo, hi = lo + start[:, None], hi + start[:, None]
+        return lo.clamp(0, size), hi.clamp(0, size), exact
 
     def _pool(self, data, index, hs, he, ws, we):
         n, c, h, w = data.shape
@@ -138,13 +177,11 @@ class ROIPooling(Layer):
             best = cm.amax(dim=-1, keepdim=True)
             key = torch.where((cm == best) & ok, fr * w + cols.view(r, 1, 1, pw, kw), h * w)
             cell = key.amin(dim=-1)                                 # (R, PH, C, PW)
-            empty = ((he <= hs)[:, :, None, None] | (we <= ws)[:, None, None, :])
-            cell = torch.where(empty | (cell >= h * w), 0, cell)
+            cell = torch.where(cell >= h * w, 0, cell)                # empty bins
             channel = torch.arange(c, device=x.device)[None, None, :, None]
             flat = ((index[:, None, None, None] * c + channel) * (h * w) + cell)
         top = data.reshape(-1)[flat]                                # (R, PH, C, PW)
-        top = torch.where(empty, torch.zeros((), dtype=top.dtype, device=top.device), top)
-        return top.permute(0, 2, 1, 3).contiguous()
+        return top.permute(0, 2, 1, 3)
 
 
 @register("PSROIPooling")

@@ -129,6 +129,29 @@ def test_roi_pooling_backward_ties_go_to_the_first_cell_row_major():
     assert torch.equal(data2.grad, want)
 
 
+def test_roi_pooling_adaptive_path_equals_the_gather_path():
+    """Both ways of pooling a box give the fork's bins, values and gradient."""
+    torch.manual_seed(0)
+    n = 40
+    corners = torch.rand(n, 4) * 60 - 10
+    rois = torch.cat([torch.randint(0, 2, (n, 1)).float(),
+                      torch.minimum(corners[:, :2], corners[:, 2:]),
+                      torch.maximum(corners[:, :2], corners[:, 2:])], 1)
+    rois[:5, 1:] = torch.round(rois[:5, 1:])            # whole and half cells after * 0.5
+    data = torch.relu(torch.randn(2, 3, 13, 17))        # ties at 0
+    grads = []
+    for adaptive in (True, False):
+        layer = make_layer('type: "ROIPooling" roi_pooling_param { pooled_h: 3 pooled_w: 5 '
+                           'spatial_scale: 0.5 }', (2, 3, 13, 17), (n, 5))
+        layer.use_adaptive = adaptive
+        x = data.clone().requires_grad_(True)
+        top = layer(x, rois)
+        (top * torch.arange(top.numel()).view(top.shape)).sum().backward()
+        grads.append((top.detach(), x.grad))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert torch.equal(grads[0][1], grads[1][1])
+
+
 def test_roi_pooling_empty_bin_is_zero_without_gradient():
     layer = make_layer(ROI, (2, 3, 8, 11), (4, 5))
     data = torch.randn(2, 3, 8, 11, requires_grad=True)
