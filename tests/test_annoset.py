@@ -269,7 +269,41 @@ def test_an_ssd_trains_from_the_annoset(annoset, tmp_path):
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
 
 
+def test_expansion_places_the_image_on_a_larger_canvas(annoset, tmp_path):
+    convert(annoset, tmp_path / "db")          # raw records: the fork's filler is 32
+    protonet.set_random_seed(4)
+    net = data_net(tmp_path / "db", "resize_param { resize_mode: WARP height: 120 "
+                   "width: 160 interp_mode: NEAREST } "
+                   "expand_param { prob: 1 max_expand_ratio: 3 }", phase=protonet.TRAIN)
+    out = net.forward(blobs=["data", "label"])
+    data, rows = out["data"], out["label"][0, 0]
+    assert np.any(np.all(data == 32, axis=1))          # the canvas shows
+    for row in rows:
+        item, label = int(row[0]), int(row[1])
+        original = [o for o in OBJECTS[item] if LABELS[o[0]] == label][int(row[2])]
+        x0, y0, x1, y1 = (int(round(v)) for v in row[3:7] * [160, 120, 160, 120])
+        inside = data[item][:, y0 + 3:y1 - 3, x0 + 3:x1 - 3]
+        assert inside.size and np.all(inside.transpose(1, 2, 0) == COLOURS[original[0]])
+        # a box keeps its size relative to the image it came from
+        assert (row[5] - row[3]) < (original[3] - original[1]) / 80 + 1e-6
+
+
+def test_distortion_changes_colours_not_boxes(annoset, tmp_path):
+    convert(annoset, tmp_path / "db", "--encode_type", "png")
+    protonet.set_random_seed(8)
+    plain = data_net(tmp_path / "db", "resize_param { resize_mode: WARP height: 30 width: 40 }")
+    distorted = data_net(tmp_path / "db", "resize_param { resize_mode: WARP height: 30 "
+                         "width: 40 } distort_param { brightness_prob: 1 brightness_delta: 40 "
+                         "contrast_prob: 1 contrast_lower: 0.5 contrast_upper: 1.5 "
+                         "saturation_prob: 1 saturation_lower: 0.5 saturation_upper: 1.5 "
+                         "hue_prob: 1 hue_delta: 18 random_order_prob: 1 }")
+    a = plain.forward(blobs=["data", "label"])
+    b = distorted.forward(blobs=["data", "label"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+    assert np.abs(a["data"] - b["data"]).mean() > 5
+
+
 def test_unsupported_transforms_are_named(annoset, tmp_path):
     convert(annoset, tmp_path / "db")
-    with pytest.raises(protonet.NetError, match="expand_param is not supported"):
-        data_net(tmp_path / "db", "expand_param { prob: 0.5 max_expand_ratio: 4 }")
+    with pytest.raises(protonet.NetError, match="noise_param is not supported"):
+        data_net(tmp_path / "db", "noise_param { prob: 0.5 }")

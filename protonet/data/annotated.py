@@ -1,7 +1,12 @@
 """SSD's AnnotatedData layer: images and their boxes from an LMDB of AnnotatedDatum.
 
 As Wei Liu's fork (weiliu89/caffe `ssd`: annotated_data_layer.cpp, data_transformer.cpp,
-util/sampler.cpp, util/bbox_util.cpp) makes a batch: for each record, the batch
+util/sampler.cpp, util/bbox_util.cpp, util/im_transforms.cpp) makes a batch: for each
+record, the photometric distortion (distort_param: brightness, contrast, saturation,
+hue, channel order; encoded records only, as in the fork) and the expansion
+(expand_param: the image placed on a larger canvas of the mean colour, or of the
+fork's filler byte 32 for raw records), each re-encoded as JPEG for encoded records;
+then the batch
 samplers propose crops (scale and aspect ratio drawn uniformly, kept when they meet
 their SampleConstraint against any object: Jaccard overlap, sample or object
 coverage), one of the proposals is picked at random and the image cropped to it (an
@@ -14,8 +19,8 @@ instance id, xmin, ymin, xmax, ymax, difficult] (one row of -1 when the batch ha
 box); records without an annotation type give the Datum's label per item instead.
 
 Random draws come from protonet's seeded generator (protonet.set_random_seed), not
-Caffe's stream, so crops are the fork's in kind, not draw for draw. distort_param,
-expand_param, noise_param and the FIT_* resize modes are refused by name.
+Caffe's stream, so crops are the fork's in kind, not draw for draw. noise_param and
+the FIT_* resize modes are refused by name.
 """
 from __future__ import annotations
 
@@ -155,6 +160,75 @@ def check_sampler(layer, batch_sampler) -> None:
                           f"{s.min_aspect_ratio}, {s.max_aspect_ratio}")
 
 
+
+# -- photometric distortion and expansion (util/im_transforms.cpp, ExpandImage) ---------------
+def _convert(image: np.ndarray, alpha: float, beta: float) -> np.ndarray:
+    """OpenCV's convertTo on uint8: saturate(round(alpha * v + beta))."""
+    values = image.astype(np.float32) * np.float32(alpha) + np.float32(beta)
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def _hsv_channel(image: np.ndarray, channel: int, alpha: float, beta: float) -> np.ndarray:
+    hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
+    hsv[:, :, channel] = _convert(hsv[:, :, channel], alpha, beta)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+
+
+def distort(image: np.ndarray, p, rng: np.random.Generator) -> np.ndarray:
+    """The fork's ApplyDistort: brightness, contrast, saturation, hue (contrast first
+    or last, by a coin), then a random channel order; each with its probability."""
+    def brightness(img):
+        if rng.uniform(0, 1) < p.brightness_prob:
+            delta = rng.uniform(-p.brightness_delta, p.brightness_delta)
+            return _convert(img, 1, delta) if abs(delta) > 0 else img
+        return img
+
+    def contrast(img):
+        if rng.uniform(0, 1) < p.contrast_prob:
+            delta = rng.uniform(p.contrast_lower, p.contrast_upper)
+            return _convert(img, delta, 0) if abs(delta - 1) > 1e-3 else img
+        return img
+
+    def saturation(img):        # the fork converts even when delta is 1
+        if rng.uniform(0, 1) < p.saturation_prob:
+            return _hsv_channel(img, 1, rng.uniform(p.saturation_lower,
+                                                    p.saturation_upper), 0)
+        return img
+
+    def hue(img):
+        if rng.uniform(0, 1) < p.hue_prob:
+            delta = rng.uniform(-p.hue_delta, p.hue_delta)
+            return _hsv_channel(img, 0, 1, delta) if abs(delta) > 0 else img
+        return img
+
+    def order(img):
+        if rng.uniform(0, 1) < p.random_order_prob:
+            return np.ascontiguousarray(img[:, :, rng.permutation(img.shape[2])])
+        return img
+
+    steps = [brightness, contrast, saturation, hue, order] if rng.uniform(0, 1) > 0.5 \
+        else [brightness, saturation, hue, contrast, order]
+    for step in steps:
+        image = step(image)
+    return image
+
+
+def expand(image: np.ndarray, ratio: float, fill, rng: np.random.Generator):
+    """The fork's ExpandImage: the image at a random whole-pixel offset on a canvas
+    `ratio` times larger, filled with `fill`; returns (canvas, the canvas's box in the
+    image's normalized coordinates)."""
+    height, width = image.shape[:2]
+    out_h, out_w = int(height * ratio), int(width * ratio)
+    h_off = math.floor(rng.uniform(0, out_h - height))
+    w_off = math.floor(rng.uniform(0, out_w - width))
+    canvas = np.empty((out_h, out_w) + image.shape[2:], np.uint8)
+    canvas[...] = fill
+    canvas[h_off:h_off + height, w_off:w_off + width] = image
+    box = (-w_off / width, -h_off / height, (out_w - w_off) / width,
+           (out_h - h_off) / height)
+    return canvas, box
+
+
 # -- a record through the fork's pipeline ------------------------------------------------------
 class _Annotations:
     """(group label, instance id, box, difficult) of one record."""
@@ -203,6 +277,9 @@ class _AnnotatedSource(_DatumSource):
         self.emit = self.transform_param.emit_constraint \
             if self.transform_param.HasField("emit_constraint") else None
         self.train = layer.phase == caffe_pb2.TRAIN
+        means = list(self.transform_param.mean_value)
+        self.expand_fill = np.clip(np.rint(np.asarray(means or [0.0], np.float64)), 0,
+                                   255).astype(np.uint8)
         self.forced_type = layer.param.annotated_data_param.HasField("anno_type")
         self.rng = seeded_rng()
         _Source.__init__(self, batch_size, transformer)
@@ -277,11 +354,26 @@ class _AnnotatedSource(_DatumSource):
         image = self._pixels(record.datum, where)
         boxed = record.HasField("type") or self.forced_type
         annotations = _Annotations.of(record) if boxed else None
+        encoded = record.datum.encoded
+        p = self.transform_param
+        if p.HasField("distort_param") and encoded:   # the fork distorts encoded only
+            image = _through_jpeg(distort(image, p.distort_param, rng), where)
+        if p.HasField("expand_param"):
+            e = p.expand_param
+            if rng.uniform(0, 1) <= e.prob and abs(e.max_expand_ratio - 1) >= 1e-2:
+                ratio = rng.uniform(1, e.max_expand_ratio)
+                # a raw record's canvas is the fork's std::string filler, ' ' (32)
+                fill = self.expand_fill if encoded else 32
+                image, box = expand(image, ratio, fill, rng)
+                if encoded:
+                    image = _through_jpeg(image, where)
+                if boxed:
+                    annotations = annotations.transformed(box, False, self.emit)
         if self.samplers and boxed:
             proposals = generate_samples(self.samplers, annotations.boxes(), rng)
             if proposals:
                 crop_box = clip(proposals[int(rng.integers(len(proposals)))])
-                image = self._crop(image, crop_box, record.datum.encoded, where)
+                image = self._crop(image, crop_box, encoded, where)
                 annotations = annotations.transformed(crop_box, False, self.emit)
         image, offsets, mirror, crop_box = self._transform(image, rng)
         if boxed:
@@ -297,12 +389,7 @@ class _AnnotatedSource(_DatumSource):
         h = int(box[3] * height - box[1] * height)
         crop = np.ascontiguousarray(image[y0:y0 + h, x0:x0 + w])
         if encoded and crop.size:
-            ok, buffer = cv2.imencode(".jpg", crop)
-            if not ok:
-                raise DataError(f"{where}: could not re-encode the sampled crop")
-            crop = decode_image_bytes(buffer.tobytes(), cv2.IMREAD_UNCHANGED, where)
-            crop = np.ascontiguousarray(crop.transpose(1, 2, 0)) if crop.ndim == 3 \
-                else crop
+            crop = _through_jpeg(crop, where)
         if crop.size == 0:
             raise DataError(f"{where}: the sampled crop {box} is empty")
         return crop
@@ -346,6 +433,16 @@ class _AnnotatedSource(_DatumSource):
             crop_box
 
 
+def _through_jpeg(image: np.ndarray, where: str) -> np.ndarray:
+    """Encoded as JPEG and decoded again, as the fork re-encodes what it changed."""
+    ok, buffer = cv2.imencode(".jpg", image)
+    if not ok:
+        raise DataError(f"{where}: could not re-encode an augmented image as JPEG")
+    decoded = decode_image_bytes(buffer.tobytes(), cv2.IMREAD_UNCHANGED, where)
+    return np.ascontiguousarray(decoded.transpose(1, 2, 0)) if decoded.ndim == 3 \
+        else decoded
+
+
 def _parse(value: bytes, where: str) -> caffe_pb2.AnnotatedDatum:
     record = caffe_pb2.AnnotatedDatum()
     try:
@@ -366,10 +463,11 @@ class AnnotatedData(PrefetchingDataLayer):
 
     def make_transformer(self) -> DataTransformer:
         p = self.param.transform_param
-        for name in ("distort_param", "expand_param", "noise_param"):
-            if p.HasField(name):
-                raise self.error(f"transform_param.{name} is not supported by protonet's "
-                                 "AnnotatedData yet")
+        if p.HasField("noise_param"):
+            raise self.error("transform_param.noise_param is not supported by protonet's "
+                             "AnnotatedData yet")
+        if p.HasField("expand_param") and p.HasField("mean_file"):
+            raise self.error("expand_param with mean_file is not supported; use mean_value")
         if p.HasField("resize_param") and p.resize_param.resize_mode != RESIZE.WARP:
             raise self.error("only resize_mode WARP is supported")
         if p.HasField("mean_file") and (p.HasField("resize_param") or
@@ -379,7 +477,7 @@ class AnnotatedData(PrefetchingDataLayer):
         plain = caffe_pb2.TransformationParameter()
         plain.CopyFrom(p)
         for name in ("resize_param", "emit_constraint", "crop_size", "crop_h", "crop_w",
-                     "mirror"):
+                     "mirror", "distort_param", "expand_param"):
             plain.ClearField(name)
         return DataTransformer(plain, self.phase)
 
