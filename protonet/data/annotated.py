@@ -122,14 +122,17 @@ def satisfies(sample, objects, constraint) -> bool:
 
 
 def sample_box(sampler, rng: np.random.Generator):
-    """The fork's SampleBBox: a crop of uniform scale and aspect ratio."""
-    scale = rng.uniform(sampler.min_scale, sampler.max_scale)
-    ratio = rng.uniform(sampler.min_aspect_ratio, sampler.max_aspect_ratio)
-    ratio = min(max(ratio, scale ** 2), 1 / scale ** 2)
-    width, height = scale * math.sqrt(ratio), scale / math.sqrt(ratio)
-    x = rng.uniform(0.0, 1 - width)
-    y = rng.uniform(0.0, 1 - height)
-    return (x, y, x + width, y + height)
+    """The fork's SampleBBox: a crop of uniform scale and aspect ratio (in float32, as
+    the fork computes it, so that a scale of 1 gives exactly the whole image)."""
+    f32 = np.float32
+    scale = f32(rng.uniform(sampler.min_scale, sampler.max_scale))
+    ratio = f32(rng.uniform(sampler.min_aspect_ratio, sampler.max_aspect_ratio))
+    ratio = min(max(ratio, f32(scale * scale)), f32(1 / (scale * scale)))
+    root = f32(math.sqrt(ratio))
+    width, height = f32(scale * root), f32(scale / root)
+    x = f32(rng.uniform(0.0, max(0.0, float(f32(1) - width))))
+    y = f32(rng.uniform(0.0, max(0.0, float(f32(1) - height))))
+    return (float(x), float(y), float(x + width), float(y + height))
 
 
 def generate_samples(samplers, objects, rng) -> list:
