@@ -207,6 +207,18 @@ def test_batch_sampling_crops_images_and_boxes_together(annoset, tmp_path):
     assert checked > 5
 
 
+def test_a_default_sampler_keeps_the_whole_image(annoset, tmp_path):
+    """SSD's first batch_sampler (no sampler message) proposes the image itself."""
+    convert(annoset, tmp_path / "db")
+    plain = data_net(tmp_path / "db", "resize_param { resize_mode: WARP height: 30 "
+                     "width: 40 }").forward(blobs=["data", "label"])
+    whole = data_net(tmp_path / "db", "resize_param { resize_mode: WARP height: 30 "
+                     "width: 40 }", "batch_sampler { max_sample: 1 max_trials: 1 }",
+                     phase=protonet.TRAIN).forward(blobs=["data", "label"])
+    np.testing.assert_array_equal(plain["data"], whole["data"])
+    np.testing.assert_allclose(plain["label"], whole["label"], atol=1e-6)
+
+
 def test_sampled_crops_of_encoded_records_go_through_jpeg(annoset, tmp_path):
     """The fork re-encodes a sampled crop of an encoded record as JPEG."""
     convert(annoset, tmp_path / "db", "--encode_type", "png")
