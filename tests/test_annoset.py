@@ -319,3 +319,15 @@ def test_unsupported_transforms_are_named(annoset, tmp_path):
     convert(annoset, tmp_path / "db")
     with pytest.raises(protonet.NetError, match="noise_param is not supported"):
         data_net(tmp_path / "db", "noise_param { prob: 0.5 }")
+
+
+def test_sampled_boxes_stay_inside_the_image():
+    """Scales near 1 with extreme aspect ratios clamp to boxes of width or height 1;
+    rounding must not push the offset range below zero."""
+    from protonet.data.annotated import sample_box
+    sampler = caffe_pb2.Sampler(min_scale=0.3, max_scale=1.0, min_aspect_ratio=0.5,
+                                max_aspect_ratio=2.0)
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        x0, y0, x1, y1 = sample_box(sampler, rng)
+        assert 0 <= x0 <= x1 <= 1 + 1e-6 and 0 <= y0 <= y1 <= 1 + 1e-6
