@@ -69,7 +69,11 @@ def zoo_model(name: str, weights: str | None = None, cache=None) -> Model:
                                else ""))
     path = zoo.resolve_weights(weights, cache) if weights else \
         str(zoo.ensure_weights(entry, cache))
-    return Model(str(entry.deploy), path, entry.preprocess, entry.labels,
+    labels = entry.labels
+    labels_file = entry.folder / str(entry.meta.get("labels_file", ""))
+    if labels is None and entry.meta.get("labels_file") and labels_file.is_file():
+        labels = read_labels(str(labels_file))
+    return Model(str(entry.deploy), path, entry.preprocess, labels,
                  entry.meta.get("output"),
                  float(entry.meta.get("threshold", DEFAULT_THRESHOLD)))
 

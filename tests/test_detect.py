@@ -141,6 +141,31 @@ def test_deploy_file_needs_weights_and_an_ssd_output(tiny, tmp_path, capsys):
         detect.detect(model, images[:1])
 
 
+def test_a_zoo_entry_brings_weights_preprocessing_and_a_labels_file(tiny, tmp_path,
+                                                                    monkeypatch):
+    deploy, weights, images = tiny
+    zoo_root = tmp_path / "zoo" / "tiny_ssd"
+    zoo_root.mkdir(parents=True)
+    (zoo_root / "deploy.prototxt").write_text(TINY_SSD)
+    (zoo_root / "names.txt").write_text("bg\ncat\ndog\n")
+    digest = zoo.file_digest(Path(weights), "sha256")
+    (zoo_root / "readme.md").write_text(
+        f"---\nname: tiny_ssd\ntask: detection\ncaffemodel: tiny.caffemodel\n"
+        f"sha256: {digest}\nmean_value: [5, 5, 5]\nscale: 1\nthreshold: 0.3\n"
+        "labels_file: names.txt\n---\n")
+    monkeypatch.setenv("PROTONET_ZOO", str(tmp_path / "zoo"))
+    monkeypatch.setenv("PROTONET_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "tiny_ssd").mkdir(parents=True)
+    (tmp_path / "cache" / "tiny_ssd" / "tiny.caffemodel").write_bytes(Path(weights).read_bytes())
+    model = detect.zoo_model("tiny_ssd")
+    assert (model.labels, model.threshold, model.preprocess.mean) == (
+        ["bg", "cat", "dog"], 0.3, (5.0, 5.0, 5.0))
+    found = detect.detect(model, images)
+    assert sum(len(r.detections) for r in found) > 0
+    assert all(d.score >= 0.3 and d.name in ("cat", "dog") for r in found
+               for d in r.detections)
+
+
 def test_detection_and_classification_entries_stay_apart():
     with pytest.raises(ProtonetError, match="detection model: use `protonet detect`"):
         classify.zoo_model("res10_ssd_face")
