@@ -55,8 +55,7 @@ class Axpy(Layer):
 
     def reshape(self, bottom_shapes):
         a, x, y = (tuple(s) for s in bottom_shapes)
-        if len(x) < 2 or len(a) < 2 or a[:2] != x[:2] or (
-                len(a) == 4 and a[2:] != (1, 1)) or len(a) not in (2, 4):
+        if len(x) < 2 or len(a) < 2 or a[:2] != x[:2] or any(d != 1 for d in a[2:]):
             raise self.shape_error(f"scale bottom {list(a)} must be (N, C) or (N, C, 1, 1) "
                                    f"for X {list(x)}")
         if x != y:

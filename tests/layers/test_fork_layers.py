@@ -215,6 +215,14 @@ def test_axpy_follows_senet_not_opencv():
     assert net.blobs["out"].data.item() == 11.0    # a*X + Y; OpenCV 4 gives a*Y + X = 13
 
 
+def test_axpy_shape_errors():
+    from layer_helpers import expect_error
+    layer = 'layer { name: "L" type: "Axpy" bottom: "a" bottom: "x" bottom: "y" top: "o" }'
+    expect_error(layer, {"a": (2, 3, 2, 1), "x": (2, 3, 4, 4), "y": (2, 3, 4, 4)},
+                 "scale bottom")
+    expect_error(layer, {"a": (2, 3), "x": (2, 3, 4, 4), "y": (2, 3, 4, 5)}, "same shape")
+
+
 def test_depthwise_ignores_num_output_like_the_fork():
     layer = make_layer('type: "ConvolutionDepthwise" convolution_param { num_output: 7 '
                        'kernel_size: 3 }', (1, 4, 5, 5))
