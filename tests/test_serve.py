@@ -28,6 +28,7 @@ import protonet
 from protonet import classify, zoo
 
 import conformance
+from test_detect import face_images, res10_weights  # noqa: F401
 from test_zoo import open_nsfw_files  # noqa: F401
 
 pytest.importorskip("starlette")
@@ -449,9 +450,8 @@ def test_the_bench_runs(capsys):
 @pytest.fixture
 def tiny_ssd(tmp_path):
     """(serve flags, detect.Model, three image paths) of test_detect's tiny SSD."""
-    tiny_ssd_net = pytest.importorskip("test_detect", reason="protonet detect not built yet")
-    detect = pytest.importorskip("protonet.detect", reason="protonet detect not built yet")
-    TINY_SSD = tiny_ssd_net.TINY_SSD
+    from test_detect import TINY_SSD
+    from protonet import detect
     protonet.set_random_seed(3)
     deploy, weights = tmp_path / "ssd.prototxt", tmp_path / "ssd.caffemodel"
     deploy.write_text(TINY_SSD)
@@ -510,3 +510,25 @@ def test_the_page_in_chromium_draws_a_detectors_boxes(tiny_ssd, tmp_path):
             "return [c.width, c.height, n];")
         image = cv2.imread(str(paths[0]))
         assert drawn[:2] == [image.shape[1], image.shape[0]] and drawn[2] > 10
+
+
+def test_res10_served_finds_the_faces_protonet_detect_finds(res10_weights, face_images):
+    """The real res10 face detector by its zoo name: the server's boxes are `protonet
+    detect`'s, bit for bit (one image per forward pass)."""
+    from protonet import detect
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    photo = face_images["grace_hopper_pair"]
+    printed = subprocess.run([sys.executable, "-m", "protonet", "detect", "--model",
+                              "res10_ssd_face", photo, "--json"], capture_output=True,
+                             text=True, env=env, timeout=300)
+    assert printed.returncode == 0, printed.stderr
+    want = json.loads(printed.stdout)[0]
+    with server("--model", "res10_ssd_face") as (proc, url):
+        _, about = http(f"{url}/model")
+        status, answer = predict(url, Path(photo).read_bytes(), form=False)
+    assert status == 200 and about["kind"] == "detector" and answer["model"] == "res10_ssd_face"
+    assert (answer["width"], answer["height"]) == (want["width"], want["height"])
+    assert [(d["index"], d["label"], d["score"], d["box"]) for d in answer["detections"]] == \
+        [(d["label"], d["name"], d["score"], d["box"]) for d in want["detections"]]
+    assert len(answer["detections"]) == 2 and {d["label"] for d in answer["detections"]} == \
+        {"face"}

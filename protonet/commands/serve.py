@@ -120,23 +120,18 @@ def run(args) -> int:
 def _model(args):
     """A detect.Model for SSD-style nets (a zoo entry of task detection, or a deploy
     file with a DetectionOutput layer), else a classify.Model."""
-    import importlib.util
     import os
 
     from .. import zoo
-    from ..errors import ProtonetError
     from ..io.upgrade import read_net
     from . import classify as classify_command
     if os.path.exists(args.model) or args.model.endswith(".prototxt"):
         layers = read_net(args.model).layer
         detector = any(layer.type == "DetectionOutput" for layer in layers)
     else:
-        detector = zoo.load_entry(args.model).meta.get("task") == "detection"
+        detector = zoo.load_entry(args.model).task == "detection"
     if not detector:
         return classify_command.model_from_args(args)
-    if importlib.util.find_spec("protonet.commands.detect") is None:
-        raise ProtonetError(f"{args.model} is a detection net (DetectionOutput), and this "
-                            "protonet has no `detect` yet")
     from . import detect as detect_command
     model = detect_command._model(args)
     if args.threshold is not None:

@@ -10,22 +10,17 @@ DetectionOutput top) reads the rows as protonet.detect does, so boxes are
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
-from .. import classify
+from .. import classify, detect
 from ..errors import ProtonetError
 from ..pycaffe import TEST, Net
 from ..speed import autocast
 
-# protonet.detect (SSD-style nets), where this build has it.
-detect = importlib.import_module("..detect", __package__) \
-    if importlib.util.find_spec("..detect", __package__) else None
 
 MAX_K = 1000
 
@@ -107,7 +102,7 @@ class DetectorPredictor:
     """Boxes, labels and scores of an SSD-style net, as `protonet detect` finds them."""
     kind = "detector"
 
-    def __init__(self, model: "detect.Model", name: str, device="cpu",
+    def __init__(self, model: detect.Model, name: str, device="cpu",
                  precision: str = "fp32"):
         net = Net(model.deploy, model.weights, TEST, device=device)
         if len(net.inputs) != 1:
@@ -179,6 +174,6 @@ class DetectorPredictor:
 
 def load_predictor(model, name: str, device="cpu", precision: str = "fp32"):
     """The predictor for a classify.Model (top classes) or a detect.Model (boxes)."""
-    if detect is not None and isinstance(model, detect.Model):
+    if isinstance(model, detect.Model):
         return DetectorPredictor(model, name, device, precision)
     return ClassifierPredictor(model, name, device, precision)
