@@ -61,6 +61,14 @@ class HostCopy:
             self.head = SYNCED
         _pending.discard(self)
 
+    def refresh(self) -> None:
+        """Copy the device values into the host buffer now, for an op Caffe runs
+        where the head is (Blob::Update on host memory a script holds)."""
+        if self.host is not None:
+            torch.from_numpy(self.host).copy_(self._get().detach().reshape(self.host.shape))
+            self.head = SYNCED
+        _pending.discard(self)
+
     def changed(self) -> None:
         """The device wrote the tensor (a pass, an update): the host copy is stale.
         Host writes were pushed when the pass began (push_pending)."""
@@ -91,6 +99,14 @@ def param_copy(leaf: torch.Tensor, diff: bool) -> HostCopy:
             copy = HostCopy(lambda: leaf, lambda host: _put_data(leaf, host))
         setattr(leaf, name, copy)
     return copy
+
+
+def held(leaves, diff: bool) -> list[HostCopy]:
+    """The param buffers among `leaves` a script read or wrote since the last pass
+    (head at the host)."""
+    name = "_pycaffe_host_diff" if diff else "_pycaffe_host_data"
+    copies = (getattr(leaf, name, None) for leaf in leaves)
+    return [c for c in copies if c is not None and c.head == AT_HOST]
 
 
 def params_changed(leaves, data: bool = False, diff: bool = False) -> None:

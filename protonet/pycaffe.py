@@ -773,13 +773,18 @@ class Net:
         set_input_arrays(self.module, data, labels)
 
     def clear_param_diffs(self) -> None:
-        """Zero every param diff in place (Caffe's ClearParamDiffs)."""
+        """Zero every param diff in place (Caffe's ClearParamDiffs); diff arrays a
+        script holds show the zeros."""
+        held = hostsync.held(self._leaves(), diff=True) if self._synced else []
+        hostsync.push_pending()
         with torch.no_grad():
             for layer in self.module.layers:
                 for p in _leaves_of(layer):
                     if p.grad is not None:
                         p.grad.zero_()
         self._params_changed(diff=True)
+        for copy in held:
+            copy.refresh()
 
     # -- weights -----------------------------------------------------------------
     def copy_from(self, path) -> None:

@@ -250,3 +250,23 @@ def test_cpu_path_stays_zero_copy(files, monkeypatch):
     assert np.shares_memory(data, net._value(net.module.blob_index["data"]).numpy())
     assert np.shares_memory(weight, net.params["ip"][0]._leaf.detach().numpy())
     assert not net._copies
+
+
+def test_update_and_clear_reach_held_param_arrays(files, device, monkeypatch, tmp_path):
+    """Caffe's Blob::Update runs where the data's head is: weights a script holds
+    (read or written since the last pass) show the update, as in Caffe's own
+    test_solver.test_apply_update; clear_param_diffs zeroes held diffs."""
+    solver, _ = solvers(files, device, monkeypatch, tmp_path)
+    net = solver.net
+    data = net.layers[1].blobs[0].data
+    data[...] = 0
+    net.layers[1].blobs[0].diff[...] = 1
+    solver.apply_update()               # lr 0.1, no momentum history yet
+    close(data, np.full(data.shape, -0.1))
+    feed(net)
+    net.forward()
+    net.backward()
+    diff = net.params["conv"][0].diff
+    assert np.abs(diff).max() > 0
+    net.clear_param_diffs()
+    assert not diff.any()

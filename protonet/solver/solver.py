@@ -600,7 +600,10 @@ class Solver:
         net.share_with(self.net)
 
     def apply_update(self) -> None:
-        """Caffe's SGDSolver::ApplyUpdate, then count the iteration."""
+        """Caffe's SGDSolver::ApplyUpdate, then count the iteration. Off the CPU,
+        param arrays a script read or wrote since the last pass show the update
+        (Caffe's Blob::Update runs on the host memory when the head is there)."""
+        held = hostsync.held(self._params, diff=False) + hostsync.held(self._params, diff=True)
         hostsync.push_pending()        # diffs and weights a script wrote (on a GPU)
         self._follow_param()
         rate, self.current_step = self._policy(self.iter, self.current_step)
@@ -619,6 +622,8 @@ class Solver:
         self.iter += 1
         if not getattr(self, "_stepping", False):
             self._params_changed()
+        for copy in held:
+            copy.refresh()
 
     def _unscale(self, grads: list[torch.Tensor]) -> bool:
         """fp16: divide the diffs by the loss scale; False when they are not finite
