@@ -10,6 +10,7 @@ Only tensors a script has looked at get a buffer, so nothing is copied for the r
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Callable
 
 import numpy as np
@@ -87,33 +88,48 @@ def push_pending() -> None:
         _pending.pop().push()
 
 
+# Param buffers, by (id(param), diff): one per Parameter, whichever net shows it
+# (solver test nets, share_with share Parameters). Held here rather than on the
+# Parameter so that pickling or copying a module never meets them; an entry goes
+# when its Parameter does.
+_params: dict[tuple[int, bool], HostCopy] = {}
+
+
 def param_copy(leaf: torch.Tensor, diff: bool) -> HostCopy:
-    """The host buffer of a param's data or diff, kept on the Parameter itself so
-    every net sharing it (solver test nets, share_with) shows the same one."""
-    name = "_pycaffe_host_diff" if diff else "_pycaffe_host_data"
-    copy = getattr(leaf, name, None)
+    """The host buffer of a param's data or diff."""
+    key = (id(leaf), diff)
+    copy = _params.get(key)
     if copy is None:
+        ref = weakref.ref(leaf)
         if diff:
-            copy = HostCopy(lambda: _grad(leaf), lambda host: _put_grad(leaf, host))
+            copy = HostCopy(lambda: _grad(ref()), lambda host: _put_grad(ref(), host))
         else:
-            copy = HostCopy(lambda: leaf, lambda host: _put_data(leaf, host))
-        setattr(leaf, name, copy)
+            copy = HostCopy(lambda: ref(), lambda host: _put_data(ref(), host))
+        _params[key] = copy
+        weakref.finalize(leaf, _forget, key)
     return copy
+
+
+def _forget(key: tuple[int, bool]) -> None:
+    copy = _params.pop(key, None)
+    if copy is not None:
+        _pending.discard(copy)
 
 
 def held(leaves, diff: bool) -> list[HostCopy]:
     """The param buffers among `leaves` a script read or wrote since the last pass
     (head at the host)."""
-    name = "_pycaffe_host_diff" if diff else "_pycaffe_host_data"
-    copies = (getattr(leaf, name, None) for leaf in leaves)
+    copies = (_params.get((id(leaf), diff)) for leaf in leaves)
     return [c for c in copies if c is not None and c.head == AT_HOST]
 
 
 def params_changed(leaves, data: bool = False, diff: bool = False) -> None:
     """Mark the shown params among `leaves` as written on the device."""
+    if not _params:
+        return
     for leaf in leaves:
-        for want, name in ((data, "_pycaffe_host_data"), (diff, "_pycaffe_host_diff")):
-            copy = getattr(leaf, name, None) if want else None
+        for want, kind in ((data, False), (diff, True)):
+            copy = _params.get((id(leaf), kind)) if want else None
             if copy is not None:
                 copy.changed()
 

@@ -34,7 +34,7 @@ def _view(tensor: torch.Tensor | None) -> np.ndarray:
     if tensor.dtype in (torch.bfloat16, torch.float16):
         return tensor.float().cpu().numpy()   # a copy (autocast blobs; numpy has no bf16)
     if tensor.device.type != "cpu":
-        return tensor.cpu().numpy()      # a copy: assign with `blob.data = ...` on GPU
+        return tensor.cpu().numpy()      # a copy; Nets off the CPU show hostsync buffers
     return tensor.numpy()
 
 
