@@ -141,8 +141,12 @@ def _grad(leaf: torch.Tensor) -> torch.Tensor:
 
 
 def _put_data(leaf: torch.Tensor, host: torch.Tensor) -> None:
-    with torch.no_grad():
-        leaf.copy_(host.reshape(leaf.shape))
+    """Into the Parameter itself (solvers and shared layers hold it); weights a
+    script only read are left alone, so a forward's graph stays usable."""
+    new = host.reshape(leaf.shape).to(leaf.device, leaf.dtype)
+    if not torch.equal(leaf.detach(), new):
+        with torch.no_grad():
+            leaf.copy_(new)
 
 
 def _put_grad(leaf: torch.Tensor, host: torch.Tensor) -> None:

@@ -730,14 +730,18 @@ class Net:
 
     def _put(self, blob_id: int, diff: bool, host: torch.Tensor) -> None:
         """Host values become the blob's tensor: new memory, so no tensor a layer
-        made (which may alias its bottom) is written into. A layer whose bottom
-        changed rebuilds its backward graph from the blobs (Caffe's Backward reads
-        them as they are)."""
+        made (which may alias its bottom) is written into. A layer whose bottom a
+        script changed rebuilds its backward graph from the blobs (Caffe's Backward
+        reads them as they are); one merely read keeps its graph (a Dropout mask)."""
         tensor = host.to(self.device, torch.float32, copy=True)
         if diff:
             self._diffs[blob_id] = tensor
             return
+        old = self._values[blob_id]
         self._values[blob_id] = tensor
+        if old is not None and old.shape == tensor.shape and \
+                torch.equal(old.detach().to(torch.float32), tensor):
+            return
         for index, step in enumerate(self.module.steps):
             if blob_id in step.bottoms:
                 self._segments.pop(index, None)

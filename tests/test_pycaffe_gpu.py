@@ -270,3 +270,23 @@ def test_update_and_clear_reach_held_param_arrays(files, device, monkeypatch, tm
     assert np.abs(diff).max() > 0
     net.clear_param_diffs()
     assert not diff.any()
+
+
+def test_reading_between_forward_and_backward_keeps_the_forward(tmp_path, device):
+    """Reading blobs and weights between forward() and backward() copies them back
+    unchanged: backward still uses the forward's Dropout mask, as Caffe's does."""
+    path = tmp_path / "drop.prototxt"
+    path.write_text("""force_backward: true
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 50 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+        inner_product_param { num_output: 40 weight_filler { type: "gaussian" } } }
+layer { name: "drop" type: "Dropout" bottom: "ip" top: "out" dropout_param { dropout_ratio: 0.5 } }
+""")
+    net = protonet.Net(str(path), protonet.TRAIN, device=device)
+    net.blobs["data"].data[...] = 1.0
+    out = net.forward()["out"].copy()
+    net.blobs["ip"].data, net.params["ip"][0].data         # read only
+    net.blobs["out"].diff[...] = 1.0
+    grad = net.backward(start="drop", end="drop", diffs=["ip"])["ip"]
+    np.testing.assert_array_equal(grad == 0, out == 0)      # the forward's mask
+    assert (grad == 0).any() and (grad != 0).any()
