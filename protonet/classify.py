@@ -166,6 +166,9 @@ def classify(model: Model, images: Sequence[str], k: int = 5,
 def zoo_model(name: str, weights: str | None = None, cache=None) -> Model:
     """A zoo entry as a Model; its weights are downloaded (and verified) when needed."""
     entry = zoo.load_entry(name)
+    if entry.task != "classification":
+        raise ProtonetError(f"zoo model '{name}' is a {entry.task} model: use `protonet "
+                            f"{'detect' if entry.task == 'detection' else entry.task}`")
     path = zoo.resolve_weights(weights, cache) if weights else \
         str(zoo.ensure_weights(entry, cache))
     return Model(str(entry.deploy), path, entry.preprocess, entry.labels,
