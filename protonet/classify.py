@@ -23,7 +23,9 @@ import torch
 
 from . import zoo
 from .errors import ProtonetError
+from .data.datum import check_image_header
 from .pycaffe import TEST, Net
+from .speed import autocast
 
 BATCH = 16        # images per forward pass
 OVERSAMPLE_BATCH = 4    # images per forward pass when each gives 10 crops
@@ -46,6 +48,23 @@ def load_image(path: str) -> np.ndarray:
     if image is None:
         raise ProtonetError(f"{path}: cannot read as an image (missing, or a format "
                             "OpenCV does not decode)")
+    return image
+
+
+def decode_image(data: bytes, where: str) -> np.ndarray:
+    """Encoded image bytes as `load_image` reads a file: (H, W, 3) uint8 BGR. Header
+    sizes are checked against protonet.limits before OpenCV allocates."""
+    check_image_header(data, where)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) \
+            if data else None
+    except cv2.error as e:
+        lines = str(e).strip().splitlines()
+        raise ProtonetError(f"{where}: OpenCV cannot decode it "
+                            f"({lines[-1] if lines else 'cv2.error'})") from None
+    if image is None:
+        raise ProtonetError(f"{where}: cannot decode {len(data)} bytes as an image (not "
+                            "a format OpenCV reads, or truncated)")
     return image
 
 
@@ -131,46 +150,72 @@ def input_size(net: Net, prep: zoo.Preprocess) -> tuple[int, int]:
     return int(shape[2]), int(shape[3])
 
 
+class Classifier:
+    """A classification net loaded once: preprocessed images in, scores out.
+
+    `protonet classify` and `protonet serve` both go through it, so a served answer
+    is computed as the command computes it. Not thread-safe: one forward at a time."""
+
+    def __init__(self, model: Model, device: str | torch.device = "cpu",
+                 precision: str = "fp32"):
+        net = Net(model.deploy, model.weights, TEST, device=device)
+        if len(net.inputs) != 1:
+            raise ProtonetError(f"{model.deploy}: classification needs a net with one "
+                                f"input, this one has {net.inputs}")
+        self.output = model.output or net.outputs[-1]
+        if self.output not in net.blobs:
+            raise ProtonetError(f"{model.deploy}: no output blob '{self.output}'")
+        self.model, self.net, self.precision = model, net, precision
+        self.device = torch.device(device)
+        self.size = input_size(net, model.preprocess)
+
+    def inputs(self, image: np.ndarray, oversample: bool = False) -> np.ndarray:
+        """One BGR uint8 image -> its net inputs: (1, 3, h, w), or (10, 3, h, w)."""
+        if oversample:
+            return preprocess_oversampled(image, self.model.preprocess, self.size)
+        return preprocess(image, self.model.preprocess, self.size)[None]
+
+    def scores(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """One forward pass over every image's inputs (as `inputs` made them); each
+        image's output, averaged over its crops when it has several."""
+        batch = np.concatenate(inputs) if len(inputs) > 1 else inputs[0]
+        data = self.net.inputs[0]
+        self.net.blobs[data].reshape(*batch.shape)
+        self.net.reshape()
+        with torch.no_grad(), autocast(self.precision, self.device):
+            out = self.net.forward(**{data: batch})[self.output]
+        out = out.reshape(len(batch), -1).copy()     # the blob is reused next pass
+        result, at = [], 0
+        for crops in (len(x) for x in inputs):
+            # Ten crops average as numpy's float32 mean, as pycaffe's predict does.
+            result.append(out[at] if crops == 1 else out[at:at + crops].mean(axis=0))
+            at += crops
+        return result
+
+    def top(self, scores: np.ndarray, k: int) -> list[tuple]:
+        return top_k(scores, k, self.model.labels)
+
+
 def classify(model: Model, images: Sequence[str], k: int = 5,
              device: str = "cpu", oversample: bool = False) -> list[list[tuple]]:
     """Top-k (index, score, label) for each image, in order; with `oversample`, of the
     outputs averaged over ten crops (corners, center and their mirrors)."""
-    net = Net(model.deploy, model.weights, TEST, device=device)
-    if torch.device(device).type == "cpu":
-        net.module.use_channels_last()
-    if len(net.inputs) != 1:
-        raise ProtonetError(f"{model.deploy}: classification needs a net with one input, "
-                            f"this one has {net.inputs}")
-    output = model.output or net.outputs[-1]
-    if output not in net.blobs:
-        raise ProtonetError(f"{model.deploy}: no output blob '{output}'")
-    size = input_size(net, model.preprocess)
+    classifier = Classifier(model, device)
     results = []
     per_pass = OVERSAMPLE_BATCH if oversample else BATCH
     for start in range(0, len(images), per_pass):
-        paths = images[start:start + per_pass]
-        if oversample:
-            batch = np.concatenate([preprocess_oversampled(load_image(p), model.preprocess,
-                                                           size) for p in paths])
-        else:
-            batch = np.stack([preprocess(load_image(p), model.preprocess, size)
-                              for p in paths])
-        net.blobs[net.inputs[0]].reshape(*batch.shape)
-        net.reshape()
-        # The inference plan (folded BatchNorm, packed weights, NHWC on the CPU), the
-        # same scores as Net.forward to float rounding; no blob is read but the output.
-        values, _ = net.module.forward_for_inference(
-            {net.inputs[0]: torch.from_numpy(batch).to(net.device)})
-        scores = values[net.module.blob_index[output]].float().contiguous().cpu().numpy()
-        if oversample:
-            scores = scores.reshape(len(paths), CROPS, -1).mean(axis=1)
-        results += [top_k(s, k, model.labels) for s in scores]
+        inputs = [classifier.inputs(load_image(p), oversample)
+                  for p in images[start:start + per_pass]]
+        results += [classifier.top(s, k) for s in classifier.scores(inputs)]
     return results
 
 
 def zoo_model(name: str, weights: str | None = None, cache=None) -> Model:
     """A zoo entry as a Model; its weights are downloaded (and verified) when needed."""
     entry = zoo.load_entry(name)
+    if entry.task != "classification":
+        raise ProtonetError(f"zoo model '{name}' is a {entry.task} model: use `protonet "
+                            f"{'detect' if entry.task == 'detection' else entry.task}`")
     path = zoo.resolve_weights(weights, cache) if weights else \
         str(zoo.ensure_weights(entry, cache))
     return Model(str(entry.deploy), path, entry.preprocess, entry.labels,

@@ -76,8 +76,11 @@ def also_a(error: ProtonetError, kind: type[BaseException]) -> ProtonetError:
     cls = _ALSO.get(key)
     if cls is None:
         try:
-            cls = type(type(error).__name__, key, {"__str__": Exception.__str__,
-                                                   "__module__": type(error).__module__})
+            base = type(error)
+            cls = type(base.__name__, key, {
+                "__str__": Exception.__str__, "__module__": base.__module__,
+                # pickled as the protonet class (this one cannot be looked up by name)
+                "__reduce__": lambda self, base=base: (base, self.args, self.__dict__)})
         except TypeError:
             return error
         _ALSO[key] = cls

@@ -1,11 +1,18 @@
-"""Caffe's weight fillers (include/caffe/filler.hpp), drawing from torch's default RNG."""
+"""Caffe's weight fillers (include/caffe/filler.hpp).
+
+With a seed set (`protonet.set_random_seed`, a solver's `random_seed`) they draw from
+Caffe's own stream (protonet.rng) exactly as Caffe's CPU code does, so a seed gives
+Caffe's numbers bit for bit; unseeded they draw from torch's default generator.
+"""
 from __future__ import annotations
 
 import math
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
+from . import rng
 from .errors import NetError, closest
 from .proto import caffe_pb2
 
@@ -81,6 +88,55 @@ FILLERS: dict[str, Callable] = {
 }
 
 
+# -- Caffe's stream (a seed is set): the same float32 arithmetic as filler.hpp ------
+def _caffe_fans(p, shape) -> np.float32:
+    fan_in, fan_out = _fans(shape)
+    if p.variance_norm == VarianceNorm.AVERAGE:
+        return np.float32(fan_in + fan_out) / np.float32(2)
+    if p.variance_norm == VarianceNorm.FAN_OUT:
+        return np.float32(fan_out)
+    return np.float32(fan_in)
+
+
+def _caffe_uniform(p, shape):
+    return rng.caffe_rng().uniform(math.prod(shape), p.min, p.max)
+
+
+def _caffe_gaussian(p, shape):
+    if not p.std > 0:
+        raise ValueError(f"std must be positive, got {p.std} (Caffe aborts)")
+    stream = rng.caffe_rng()
+    count = math.prod(shape)
+    data = stream.gaussian(count, p.mean, p.std)
+    if p.sparse >= 0:
+        keep = np.float32(p.sparse) / np.float32(shape[0])
+        data *= stream.bernoulli(count, keep).astype(np.float32)
+    return data
+
+
+def _caffe_positive_unitball(p, shape):
+    data = rng.caffe_rng().uniform(math.prod(shape), 0, 1).reshape(shape[0], -1)
+    # Caffe sums each row left to right in float32 (cumsum does; sum() pairs).
+    return data / np.cumsum(data, axis=1, dtype=np.float32)[:, -1:]
+
+
+def _caffe_xavier(p, shape):
+    scale = np.sqrt(np.float32(3) / _caffe_fans(p, shape))
+    return rng.caffe_rng().uniform(math.prod(shape), -scale, scale)
+
+
+def _caffe_msra(p, shape):
+    std = np.sqrt(np.float32(2) / _caffe_fans(p, shape))
+    return rng.caffe_rng().gaussian(math.prod(shape), 0.0, std)
+
+
+CAFFE_FILLERS: dict[str, Callable] = {
+    "uniform": _caffe_uniform, "gaussian": _caffe_gaussian,
+    "positive_unitball": _caffe_positive_unitball, "xavier": _caffe_xavier,
+    "msra": _caffe_msra,
+}
+
+
 def fill(param: caffe_pb2.FillerParameter, shape: Sequence[int],
          layer: str | None = None) -> torch.Tensor:
     """A new float32 tensor of `shape` filled as Caffe's filler `param.type` would."""
@@ -94,6 +150,9 @@ def fill(param: caffe_pb2.FillerParameter, shape: Sequence[int],
     if math.prod(shape) == 0:
         return torch.zeros(shape, dtype=torch.float32)
     try:
+        if rng.seeded() and param.type in CAFFE_FILLERS:
+            values = CAFFE_FILLERS[param.type](param, shape)
+            return torch.from_numpy(np.ascontiguousarray(values).reshape(shape))
         return maker(param, shape)
     except ValueError as e:
         raise NetError(f"filler '{param.type}' for shape {list(shape)}: {e}", layer) from None

@@ -68,6 +68,9 @@ def train(solver_path: Path, device=None) -> Solver:
 # -- the net --------------------------------------------------------------------------------
 def train_val(entry: Entry, options: Options) -> caffe_pb2.NetParameter:
     """The entry's deploy net, turned into a fine-tuning train/val net."""
+    if entry.task != "classification":
+        raise ProtonetError(f"zoo model '{entry.name}' is a {entry.task} model; finetune "
+                            "retrains a classifier's last layer only")
     net = read_net(str(entry.deploy))
     blob_counts = _blob_counts(net)
     inputs = [l for l in net.layer if l.type in INPUTS]

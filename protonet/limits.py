@@ -14,6 +14,9 @@ file, record or layer instead of a multi-GB allocation.
   Environment: PROTONET_MAX_IMAGE_PIXELS. When protonet is imported before OpenCV,
   the same number also becomes OpenCV's OPENCV_IO_MAX_IMAGE_PIXELS (unless set),
   which covers the formats protonet does not read headers of.
+- `max_upload_bytes`: the largest request body `protonet serve` reads (an image
+  upload). Default 2**24 (16 MiB). Environment: PROTONET_MAX_UPLOAD_BYTES; the
+  command's --max-upload-bytes overrides it.
 
 Change them for a block of code with `protonet.limits.override(...)` (the fuzzer
 runs under small limits), or for a process through the environment.
@@ -27,6 +30,7 @@ from typing import Iterator, Sequence
 
 CAFFE_MAX_COUNT = 2**31 - 1
 DEFAULT_IMAGE_PIXELS = 2**26
+DEFAULT_UPLOAD_BYTES = 2**24
 
 
 def _from_env(name: str, default: int) -> int:
@@ -41,6 +45,7 @@ def _from_env(name: str, default: int) -> int:
 _limits = {
     "max_blob_elements": _from_env("PROTONET_MAX_BLOB_ELEMENTS", CAFFE_MAX_COUNT),
     "max_image_pixels": _from_env("PROTONET_MAX_IMAGE_PIXELS", DEFAULT_IMAGE_PIXELS),
+    "max_upload_bytes": _from_env("PROTONET_MAX_UPLOAD_BYTES", DEFAULT_UPLOAD_BYTES),
 }
 # OpenCV reads this once, when it loads; it refuses larger images with cv2.error.
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(_limits["max_image_pixels"]))
@@ -54,15 +59,22 @@ def max_image_pixels() -> int:
     return _limits["max_image_pixels"]
 
 
+def max_upload_bytes() -> int:
+    return _limits["max_upload_bytes"]
+
+
 @contextlib.contextmanager
 def override(*, max_blob_elements: int | None = None,
-             max_image_pixels: int | None = None) -> Iterator[None]:
+             max_image_pixels: int | None = None,
+             max_upload_bytes: int | None = None) -> Iterator[None]:
     """Use other limits inside the block (process-wide, not per thread)."""
     saved = dict(_limits)
     if max_blob_elements is not None:
         _limits["max_blob_elements"] = int(max_blob_elements)
     if max_image_pixels is not None:
         _limits["max_image_pixels"] = int(max_image_pixels)
+    if max_upload_bytes is not None:
+        _limits["max_upload_bytes"] = int(max_upload_bytes)
     try:
         yield
     finally:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.nn.utils import parametrize
 
+from . import hostsync
 from .errors import NetError, ProtonetError, also_a
 from .io.upgrade import read_net
 from .io.weights import (_read_hdf5, copy_trained_layers, copy_weights,
@@ -33,14 +34,15 @@ def _view(tensor: torch.Tensor | None) -> np.ndarray:
     if tensor.dtype in (torch.bfloat16, torch.float16):
         return tensor.float().cpu().numpy()   # a copy (autocast blobs; numpy has no bf16)
     if tensor.device.type != "cpu":
-        return tensor.cpu().numpy()      # a copy: assign with `blob.data = ...` on GPU
+        return tensor.cpu().numpy()      # a copy; Nets off the CPU show hostsync buffers
     return tensor.numpy()
 
 
 class Blob:
     """A named blob of the net: `.data` and `.diff` are numpy views of its memory
-    (on CPU), and stay so across forward() and backward(), as pycaffe's do; a
-    reshape may reallocate, as in Caffe."""
+    (on CPU; on a GPU, of a host buffer kept in sync as Caffe's SyncedMemory), and
+    stay so across forward() and backward(), as pycaffe's do; a reshape may
+    reallocate, as in Caffe."""
 
     def __init__(self, net: "Net", blob_id: int):
         self._net, self._id = net, blob_id
@@ -51,6 +53,9 @@ class Blob:
 
     @data.setter
     def data(self, value) -> None:
+        if self._net._synced:
+            self.data[...] = np.asarray(value, np.float32)
+            return
         with torch.no_grad():
             self._net._value(self._id).copy_(torch.as_tensor(np.asarray(value, np.float32)))
 
@@ -60,6 +65,9 @@ class Blob:
 
     @diff.setter
     def diff(self, value) -> None:
+        if self._net._synced:
+            self.diff[...] = np.asarray(value, np.float32)
+            return
         self._net._diff(self._id).copy_(torch.as_tensor(np.asarray(value, np.float32)))
 
     @property
@@ -102,10 +110,11 @@ class Blob:
 
 
 class ParamBlob:
-    """A learnable param seen as a Blob: `.data` is the weight, `.diff` its gradient."""
+    """A learnable param seen as a Blob: `.data` is the weight, `.diff` its gradient
+    (`synced`: through host buffers, for params off the CPU)."""
 
-    def __init__(self, layer, index: int):
-        self._layer, self._index = layer, index
+    def __init__(self, layer, index: int, synced: bool = False):
+        self._layer, self._index, self._synced = layer, index, synced
 
     @property
     def _param(self) -> torch.Tensor:
@@ -121,16 +130,24 @@ class ParamBlob:
 
     @property
     def data(self) -> np.ndarray:
+        if self._synced:
+            return hostsync.param_copy(self._leaf, diff=False).show().reshape(self.shape)
         return _view(self._leaf).reshape(self.shape)
 
     @data.setter
     def data(self, value) -> None:
+        if self._synced:
+            host = hostsync.param_copy(self._leaf, diff=False).show()
+            host[...] = np.asarray(value, dtype=np.float32).reshape(host.shape)
+            return
         with torch.no_grad():
             self._leaf.copy_(torch.as_tensor(np.asarray(value, dtype=np.float32))
                              .reshape(self._leaf.shape))
 
     @property
     def diff(self) -> np.ndarray:
+        if self._synced:
+            return hostsync.param_copy(self._leaf, diff=True).show().reshape(self.shape)
         leaf = self._leaf
         if leaf.grad is None:
             leaf.grad = torch.zeros_like(leaf)
@@ -155,16 +172,17 @@ class LayerView:
     """pycaffe's net.layers[i] / net.layer_dict[name]: type, param blobs, and
     setup/reshape over blobs (pycaffe's Layer wrapper)."""
 
-    def __init__(self, layer):
-        self._layer = layer
+    def __init__(self, layer, synced: bool = False):
+        self._layer, self._synced = layer, synced
         self.type = layer.type
         self.name = layer.layer_name
-        self._blobs = [ParamBlob(layer, i) for i in range(len(layer.blobs))]
+        self._blobs = [ParamBlob(layer, i, synced) for i in range(len(layer.blobs))]
 
     @property
     def blobs(self) -> list[ParamBlob]:
         if len(self._blobs) != len(self._layer.blobs):      # a Python layer's add_blob
-            self._blobs = [ParamBlob(self._layer, i) for i in range(len(self._layer.blobs))]
+            self._blobs = [ParamBlob(self._layer, i, self._synced)
+                           for i in range(len(self._layer.blobs))]
         return self._blobs
 
     @property
@@ -206,10 +224,6 @@ def _unique(tensors: list) -> list:
     return list({id(t): t for t in tensors}.values())
 
 
-def _layer_error(error: ProtonetError, kind: type[BaseException]) -> ProtonetError:
-    return also_a(error, kind)
-
-
 class Net:
     """A Caffe net for scripts: `Net(prototxt, phase)` or `Net(prototxt, weights, phase)`.
 
@@ -218,6 +232,11 @@ class Net:
     into them, and backward() runs layer by layer from the top diffs held there,
     writing bottom diffs (overwriting, so an in-place layer's bottom diff replaces
     its top diff) and adding param diffs (they accumulate until cleared).
+
+    Off the CPU (`_synced`), numpy cannot view the tensors: each blob or param a
+    script looks at gets a host buffer (protonet.hostsync, Caffe's SyncedMemory),
+    refreshed when read after the device wrote it and copied back before the
+    next pass, update, copy_from or save.
     """
 
     def __init__(self, network_file, *args, weights: str | Sequence[str] | None = None,
@@ -244,7 +263,8 @@ class Net:
                 for path in ([weights] if single else weights):
                     self.copy_from(path)
         except ProtonetError as e:
-            raise _layer_error(e, RuntimeError) from e.__cause__
+            also_a(e, RuntimeError)         # the same error, now a RuntimeError too
+            raise
 
     @classmethod
     def from_module(cls, module: NetModule, device: str | torch.device = "cpu") -> "Net":
@@ -256,17 +276,20 @@ class Net:
     def _attach(self, module: NetModule, device: torch.device) -> None:
         self.module = module
         self.device = device
+        self._synced = device.type != "cpu" or hostsync.forced()
+        self._copies: dict[tuple[int, bool], hostsync.HostCopy] = {}   # (blob, diff)
         count = len(module.blob_names)
         self._values: list[torch.Tensor | None] = [None] * count
         self._diffs: list[torch.Tensor | None] = [None] * count
         self._shown: tuple[set, set] = (set(), set())   # blobs whose data/diff views are out
         self._segments: dict[int, tuple] = {}   # layer -> (bottom leaves, tops) of a forward
+        self._stale_from: int | None = None     # layers from here on not reshaped yet
         self._callbacks: dict[str, list] = {"before_forward": [], "after_forward": [],
                                             "before_backward": [], "after_backward": []}
         self._loss_weight = {step.tops[pos]: weight for step in module.steps
                              for pos, weight in step.losses}
         self._blobs = OrderedDict((n, Blob(self, i)) for i, n in enumerate(module.blob_names))
-        self._layers = [LayerView(layer) for layer in module.layers]
+        self._layers = [LayerView(layer, self._synced) for layer in module.layers]
         for i in self.module.input_ids:
             self._set_blob(i, torch.zeros(self.module.blob_shapes[i], device=self.device))
 
@@ -369,11 +392,10 @@ class Net:
                 raise NetError(f"input '{name}' has shape {list(value.shape)}, the blob "
                                f"{list(current.shape)}; reshape the blob first")
             self.blobs[name].data = value
-        if any(tuple(self._value(i).shape) != tuple(self.module.blob_shapes[i])
-               for i in self.module.input_ids):
-            self.reshape()          # Caffe's layers reshape in Forward
+        hostsync.push_pending()
         first = self._layer_index(start) if start is not None else 0
         last = self._layer_index(end) if end is not None else len(self.module.layers) - 1
+        self._reshape(first, last, only_if_changed=True)   # Caffe's layers reshape in Forward
         self._forward(first, last)
         names = list(self.outputs) if end is None else \
             [self.module.blob_names[t] for t in self.module.steps[last].tops]
@@ -416,6 +438,7 @@ class Net:
         for t in made:
             if values[t] is not None:
                 self._store(t, values[t])
+        self._params_changed(data=True)     # BatchNorm's statistics, a Python layer's
 
     def backward(self, diffs: Sequence[str] | None = None, start: str | None = None,
                  end: str | None = None, **kwargs) -> dict[str, np.ndarray]:
@@ -432,6 +455,7 @@ class Net:
             if name not in self.module.blob_index:
                 raise NetError(f"no blob named '{name}'")
             self.blobs[name].diff[...] = np.asarray(value, dtype=np.float32)
+        hostsync.push_pending()
         hi = self._layer_index(start) if start is not None else len(self.module.layers) - 1
         lo = self._layer_index(end) if end is not None else 0
         for i in range(hi, lo - 1, -1):
@@ -441,6 +465,7 @@ class Net:
                 self._backward_layer(i)
             for callback in self._callbacks["after_backward"]:
                 callback(i)
+        self._params_changed(diff=True)
         names = list(self.inputs) if end is None else \
             [self.module.blob_names[b] for b in self.module.steps[lo].bottoms]
         names += [d for d in (diffs or []) if d not in names]
@@ -568,12 +593,20 @@ class Net:
 
     def input_tensors(self) -> dict[str, torch.Tensor]:
         """The input blobs' tensors, for code that runs `self.module` directly."""
+        hostsync.push_pending()
         return {self.module.blob_names[i]: self._value(i) for i in self.module.input_ids}
 
     def adopt(self, values: list) -> None:
         """Show the blob values of a pass run on `self.module` directly (the solver's):
         copied into buffers whose views a script holds, taken over otherwise."""
         self._segments.clear()
+        if self._synced:
+            self._values = list(values)
+            if not any(diff for _, diff in self._copies):
+                self._diffs = [None] * len(values)
+            for copy in self._copies.values():
+                copy.changed()
+            return
         data_out, diff_out = self._shown
         if not data_out:
             self._values = list(values)
@@ -587,15 +620,40 @@ class Net:
     def reshape(self) -> None:
         """Propagate input blob shapes through the net (pycaffe's net.reshape());
         blobs whose shape changes get new memory, as in Caffe."""
-        shapes = {self.module.blob_names[i]: tuple(self._value(i).shape)
-                  for i in self.module.input_ids}
-        self.module.infer_shapes(shapes)
+        self._reshape(0, len(self.module.layers) - 1)
+
+    def _reshape(self, first: int, last: int, only_if_changed: bool = False) -> None:
+        """Reshape layers first..last for the shapes their outside bottoms (inputs,
+        blobs earlier layers made) hold now. With only_if_changed, nothing happens
+        unless one of those differs from the shape the net last inferred."""
+        made: set[int] = set()
+        outside: dict[int, tuple] = {}
+        for step in self.module.steps[first:last + 1]:
+            for b in step.bottoms:
+                if b not in made and self._values[b] is not None:
+                    outside[b] = tuple(self._values[b].shape)
+            if step.is_input:
+                for t in step.tops:
+                    outside[t] = tuple(self._value(t).shape)
+            made.update(step.tops)
+        stale = self._stale_from is not None and last >= self._stale_from
+        if only_if_changed and not stale and all(
+                shape == tuple(self.module.blob_shapes[b]) for b, shape in outside.items()):
+            return
+        names = self.module.blob_names
+        self.module.infer_shapes({names[b]: s for b, s in outside.items()}, first, last)
+        if last < len(self.module.layers) - 1:      # later layers keep their old shapes
+            self._stale_from = last + 1 if self._stale_from is None else \
+                min(self._stale_from, last + 1)
+        elif first == 0:
+            self._stale_from = None
         self._segments.clear()
         for i, shape in enumerate(self.module.blob_shapes):
             for store, shown in zip((self._values, self._diffs), self._shown):
                 if store[i] is not None and tuple(store[i].shape) != shape:
                     store[i] = None
                     shown.discard(i)
+                    self._drop(i, diff=store is self._diffs)
 
     # -- blob memory ----------------------------------------------------------------
     def _value(self, blob_id: int) -> torch.Tensor:
@@ -614,11 +672,15 @@ class Net:
                               device=value.device)
             self._diffs[blob_id] = diff
             self._shown[1].discard(blob_id)
+            self._changed(blob_id, diff=True)
         return diff
 
     def _show(self, blob_id: int, diff: bool) -> np.ndarray:
         """A numpy view of the blob's data or diff; from now on new values are copied
-        into that memory rather than replacing it, so the view stays current."""
+        into that memory rather than replacing it, so the view stays current.
+        Off the CPU: the blob's host buffer (see hostsync)."""
+        if self._synced:
+            return self._host(blob_id, diff).show()
         tensor = self._diff(blob_id) if diff else self._value(blob_id)
         shown = self._shown[int(diff)]
         if blob_id not in shown and tensor.device.type == "cpu" and \
@@ -646,13 +708,62 @@ class Net:
             return
         shown.discard(blob_id)
         store[blob_id] = tensor.detach() if diff else tensor
+        self._changed(blob_id, diff)
 
     def _set_blob(self, blob_id: int, tensor: torch.Tensor) -> None:
         self._values[blob_id] = tensor.to(torch.float32)
         self._diffs[blob_id] = None
         self._shown[0].discard(blob_id)
         self._shown[1].discard(blob_id)
+        self._drop(blob_id, diff=False)
+        self._drop(blob_id, diff=True)
         self._segments.clear()
+
+    # -- host buffers off the CPU (hostsync) -------------------------------------------
+    def _host(self, blob_id: int, diff: bool) -> hostsync.HostCopy:
+        copy = self._copies.get((blob_id, diff))
+        if copy is None:
+            get = (lambda: self._diff(blob_id)) if diff else (lambda: self._value(blob_id))
+            copy = hostsync.HostCopy(get, lambda host: self._put(blob_id, diff, host))
+            self._copies[blob_id, diff] = copy
+        return copy
+
+    def _put(self, blob_id: int, diff: bool, host: torch.Tensor) -> None:
+        """Host values become the blob's tensor: new memory, so no tensor a layer
+        made (which may alias its bottom) is written into. A layer whose bottom a
+        script changed rebuilds its backward graph from the blobs (Caffe's Backward
+        reads them as they are); one merely read keeps its graph (a Dropout mask)."""
+        tensor = host.to(self.device, torch.float32, copy=True)
+        if diff:
+            self._diffs[blob_id] = tensor
+            return
+        old = self._values[blob_id]
+        self._values[blob_id] = tensor
+        if old is not None and old.shape == tensor.shape and \
+                torch.equal(old.detach().to(torch.float32), tensor):
+            return
+        for index, step in enumerate(self.module.steps):
+            if blob_id in step.bottoms:
+                self._segments.pop(index, None)
+
+    def _changed(self, blob_id: int, diff: bool) -> None:
+        if self._copies:
+            copy = self._copies.get((blob_id, diff))
+            if copy is not None:
+                copy.changed()
+
+    def _drop(self, blob_id: int, diff: bool) -> None:
+        copy = self._copies.pop((blob_id, diff), None) if self._copies else None
+        if copy is not None:
+            copy.drop()
+
+    def _leaves(self) -> list[torch.nn.Parameter]:
+        return [leaf for layer in self.module.layers for leaf in _leaves_of(layer)]
+
+    def _params_changed(self, data: bool = False, diff: bool = False) -> None:
+        """The device wrote these params: their host buffers (if shown) are stale."""
+        if self._synced:
+            hostsync.params_changed(self._leaves(), data=data, diff=diff)
 
     def _layer_index(self, name: str) -> int:
         try:
@@ -666,37 +777,50 @@ class Net:
         set_input_arrays(self.module, data, labels)
 
     def clear_param_diffs(self) -> None:
-        """Zero every param diff in place (Caffe's ClearParamDiffs)."""
+        """Zero every param diff in place (Caffe's ClearParamDiffs); diff arrays a
+        script holds show the zeros."""
+        held = hostsync.held(self._leaves(), diff=True) if self._synced else []
+        hostsync.push_pending()
         with torch.no_grad():
             for layer in self.module.layers:
                 for p in _leaves_of(layer):
                     if p.grad is not None:
                         p.grad.zero_()
+        self._params_changed(diff=True)
+        for copy in held:
+            copy.refresh()
 
     # -- weights -----------------------------------------------------------------
     def copy_from(self, path) -> None:
         """Copy trained weights by layer name (Caffe's CopyTrainedLayersFrom);
         `path` is a .caffemodel, an HDF5 file or zoo:NAME."""
         from .zoo import resolve_weights
+        hostsync.push_pending()
         copy_weights(self.module.layers, resolve_weights(os.fspath(path)))
+        self._params_changed(data=True)
 
     def save(self, path: str) -> None:
         """Write the weights as a .caffemodel (or HDF5 for .h5), atomically."""
+        hostsync.push_pending()
         save_caffemodel(self.module, os.fspath(path))
 
     def save_hdf5(self, path: str) -> None:
         """Write the weights in Caffe's HDF5 layout (/data/<layer>/<i>), whatever
         the file name (Caffe's ToHDF5)."""
+        hostsync.push_pending()
         save_hdf5(self.module, os.fspath(path))
 
     def load_hdf5(self, path: str) -> None:
         """Copy weights from a Caffe HDF5 weights file (CopyTrainedLayersFromHDF5)."""
+        hostsync.push_pending()
         copy_trained_layers(self.module.layers, _read_hdf5(os.fspath(path)),
                             os.fspath(path), partial=True)
+        self._params_changed(data=True)
 
     def share_with(self, other: "Net") -> None:
         """Use `other`'s param data for layers of the same name (Caffe's
         ShareTrainedLayersWith); shapes must match."""
+        hostsync.push_pending()
         theirs = {layer.layer_name: layer for layer in other.module.layers}
         for layer in self.module.layers:
             source = theirs.get(layer.layer_name)

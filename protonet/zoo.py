@@ -206,6 +206,11 @@ class Entry:
         return [str(v) for v in value] if isinstance(value, list) and value else None
 
     @property
+    def task(self) -> str:
+        """What the net's output means: "classification" (default) or "detection"."""
+        return str(self.meta.get("task", "classification"))
+
+    @property
     def params(self) -> int | None:
         value = self.meta.get("params")
         return int(value) if value is not None else None

@@ -67,6 +67,10 @@ def sdist() -> Path:
 @pytest.fixture(scope="module")
 def suite_results(sdist, tmp_path_factory) -> dict[str, dict[str, list[str]]]:
     """Run the suite once: {module: {"passed"|"failed"|"skipped": [test names]}}."""
+    return run_suite(sdist, tmp_path_factory)
+
+
+def run_suite(sdist: Path, tmp_path_factory, **extra_env: str):
     root = tmp_path_factory.mktemp("caffe_suite")
     files = extract(sdist, root, lambda p: p.startswith(TEST_DIR) and p.endswith(".py"))
     assert sorted(f.stem for f in files if f.stem.startswith("test_")) == MODULES
@@ -74,7 +78,7 @@ def suite_results(sdist, tmp_path_factory) -> dict[str, dict[str, list[str]]]:
     (folder / "conftest.py").write_text("import protonet.caffe\nprotonet.caffe.alias()\n")
     report = root / "report.xml"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        [str(ROOT), os.environ.get("PYTHONPATH", "")]), **extra_env)
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           "-W", "ignore", f"--junitxml={report}", "."], cwd=folder,
                          env=env, capture_output=True, text=True, timeout=600)
@@ -107,6 +111,15 @@ def test_caffes_suite_runs_every_test(suite_results):
     print("Caffe's python/caffe/test on protonet:", counts, sum(counts.values()), "passed")
     # the sdist's modules hold 50 tests; each must have run
     assert sum(counts.values()) == 50
+
+
+def test_caffes_suite_passes_on_the_gpu_host_buffer_path(sdist, tmp_path_factory):
+    """The same suite with .data/.diff through host buffers kept in sync with the
+    tensors, as on a GPU (protonet.hostsync), forced here on the CPU."""
+    results = run_suite(sdist, tmp_path_factory, PROTONET_PYCAFFE_SYNCED="1")
+    failed = [name for m in MODULES for name in results.get(m, {}).get("failed", [])]
+    assert not failed, f"{failed}\n{results['_output']['tail'][0]}"
+    assert sum(len(results.get(m, {}).get("passed", [])) for m in MODULES) == 50
 
 
 # --- BVLC master's modules the sdist lacks: our own tests of their behaviour ---------

@@ -571,3 +571,17 @@ def test_window_data_errors(tmp_path):
         window_setup(tmp_path, ["1 0.9 0 0 5 5"])
     with pytest.raises(NetError, match="crop_size > 0"):
         window_setup(tmp_path, ["1 0.9 0 0 5 5", "1 0.1 0 0 5 5"], crop=0)
+
+
+def test_a_relative_database_path_closes_after_a_chdir(tmp_path, monkeypatch):
+    """A reader opened by a relative path releases the handle it opened, even when the
+    working directory changed in between (a solver run from its folder, then left)."""
+    from protonet.data.lmdb_source import RecordCursor
+    write_lmdb(tmp_path / "db", [raw_datum(np.zeros((1, 2, 2), np.uint8), 0)
+                                 .SerializeToString()])
+    monkeypatch.chdir(tmp_path)
+    cursor = RecordCursor("db")
+    monkeypatch.chdir(tmp_path.parent)
+    cursor.close()                      # raised KeyError when it re-resolved "db" here
+    monkeypatch.chdir(tmp_path)
+    RecordCursor("db").close()          # and the handle is gone: a fresh open works

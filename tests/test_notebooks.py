@@ -931,14 +931,7 @@ layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
 """
 
 
-@pytest.mark.parametrize("classifier_head", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(
-        strict=True, raises=__import__("protonet").ShapeError,
-        reason="Net.forward(end=...) after an input reshape re-infers the shapes of the "
-               "whole net, so an InnerProduct after `end` (GoogLeNet's classifier) "
-               "rejects the new size; Caffe reshapes only the layers that run")),
-])
+@pytest.mark.parametrize("classifier_head", [False, True])
 def test_deepdream(tmp_path, classifier_head):
     nd = pytest.importorskip("scipy.ndimage")
     rng = np.random.default_rng(9)

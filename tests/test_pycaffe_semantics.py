@@ -4,6 +4,7 @@ valid, in-place diffs, Backward from stored blobs, partial backward, and the
 exception types scripts catch. Each reference is computed independently in torch."""
 from __future__ import annotations
 
+import pickle
 import textwrap
 
 import h5py
@@ -270,6 +271,8 @@ def test_python_layer_setup_error_is_a_runtime_error_and_a_protonet_error(tmp_pa
     assert isinstance(caught.value, NetError)
     assert "layer 'boom' (Python)" in str(caught.value)
     assert "no setup today" in str(caught.value)
+    again = pickle.loads(pickle.dumps(caught.value))       # e.g. across processes
+    assert type(again) is NetError and str(again) == str(caught.value)
 
 
 def test_python_layer_forward_error_keeps_its_type(tmp_path, monkeypatch):
@@ -464,3 +467,30 @@ def test_snapshot_and_restore_round_trip(net_file, tmp_path):
     other.restore(state)
     assert other.iter == 2
     np.testing.assert_array_equal(other.net.params["conv"][0].data, weights)
+
+
+def test_forward_to_an_end_reshapes_only_the_layers_it_runs(tmp_path):
+    """Caffe's layers reshape in Forward: after an input reshape, forward(end=...) must
+    not reshape a later InnerProduct (whose weights fix its input size), as deep-dream
+    loops over GoogLeNet do; the full net works again at the original size."""
+    path = tmp_path / "net.prototxt"
+    path.write_text("""force_backward: true
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 dim: 8 dim: 8 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 3 kernel_size: 3 weight_filler { type: "gaussian" } } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "ip" type: "InnerProduct" bottom: "conv" top: "ip"
+        inner_product_param { num_output: 2 weight_filler { type: "gaussian" } } }
+""")
+    net = protonet.Net(str(path), protonet.TEST)
+    src = net.blobs["data"]
+    src.reshape(1, 2, 12, 10)
+    src.data[...] = np.random.RandomState(19).randn(1, 2, 12, 10)
+    net.forward(end="relu")
+    dst = net.blobs["conv"]
+    assert dst.data.shape == (1, 3, 10, 8) and net.blobs["ip"].data.shape == (1, 2)
+    dst.diff[...] = dst.data
+    g = net.backward(start="relu")["data"]
+    assert g.shape == (1, 2, 12, 10) and np.abs(g).sum() > 0
+    src.reshape(1, 2, 8, 8)
+    assert net.forward()["ip"].shape == (1, 2)

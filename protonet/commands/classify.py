@@ -16,28 +16,33 @@ def register(sub) -> None:
     p = sub.add_parser("classify", help="classify images with a zoo model or deploy net",
                        description="Print the top-k classes of each image, preprocessed "
                                    "as Caffe's classifier does.")
-    p.add_argument("--model", required=True, help="zoo model name or deploy.prototxt")
-    p.add_argument("--weights", help="caffemodel (or zoo:NAME); default: the zoo model's")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--top-k", type=int, default=5, help="classes to print (default 5)")
+    p.add_argument("--oversample", action="store_true",
+                   help="average the outputs of 10 crops: the 4 corners and the center "
+                        "of the resized image, and their mirrors (pycaffe's oversample)")
+    add_model_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_model_arguments(p) -> None:
+    """The flags that choose a classifier and its preprocessing (`serve` shares them)."""
+    p.add_argument("--model", required=True, help="zoo model name or deploy.prototxt")
+    p.add_argument("--weights", help="caffemodel (or zoo:NAME); default: the zoo model's")
     p.add_argument("--labels", help="label file, one per line (e.g. synset_words.txt)")
     p.add_argument("--gpu", nargs="?", const="0", help="run on GPU ID (default 0)")
     p.add_argument("--mean-value", help="B,G,R means to subtract (overrides the model's)")
     p.add_argument("--scale", type=float, help="multiply after mean subtraction")
     p.add_argument("--image-size", help="resize to H[,W] before the center crop")
-    p.add_argument("--oversample", action="store_true",
-                   help="average the outputs of 10 crops: the 4 corners and the center "
-                        "of the resized image, and their mirrors (pycaffe's oversample)")
     p.add_argument("--cache-dir", help="weights cache (default: $PROTONET_CACHE or "
                                        "~/.cache/protonet)")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:
     _check_files(args)
     from .. import classify
     from ..device import select_device
-    model = _model(args, classify)
+    model = model_from_args(args)
     results = classify.classify(model, args.images, args.top_k,
                                 device=select_device(args.gpu), oversample=args.oversample)
     for path, top in zip(args.images, results):
@@ -62,7 +67,9 @@ def _check_files(args) -> None:
             raise ProtonetError(f"{image}: no such image file")
 
 
-def _model(args, classify) -> "classify.Model":
+def model_from_args(args) -> "classify.Model":
+    """The zoo entry or deploy file the flags name, with their preprocessing."""
+    from .. import classify
     if os.path.exists(args.model) or args.model.endswith(".prototxt"):
         if not args.weights:
             raise ProtonetError(f"--model {args.model} is a file: give its --weights too")
@@ -74,6 +81,9 @@ def _model(args, classify) -> "classify.Model":
         model.labels = classify.read_labels(args.labels)
     model.preprocess = _overridden(model.preprocess, args)
     return model
+
+
+_model = model_from_args     # the name segment (and detect) import
 
 
 def _overridden(prep: zoo.Preprocess, args) -> zoo.Preprocess:

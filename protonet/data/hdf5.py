@@ -6,8 +6,12 @@ file order (or a shuffled order), files in list order (or shuffled), wrapping fr
 the last file to the first and letting a batch span a file boundary. Paths are
 used as written, so relative ones are relative to the current directory, as in
 Caffe. A whole file is held in memory (on the layer's device) while it is read,
-as Caffe does. Shuffling draws from numpy's global generator, which the solver's
-`random_seed` seeds, so shuffled runs repeat. In data-parallel training
+as Caffe does. Caffe shuffles with `std::random_shuffle`, i.e. glibc's `rand()`,
+which it never seeds: once a seed is set (protonet.set_random_seed, the solver's
+`random_seed`) protonet shuffles the same way from the process's one rand() stream
+(protonet.rng.glibc_rand), reshuffling the current order as Caffe does, so rows come
+in Caffe's order; unseeded it draws from numpy's global generator, which
+torch/numpy seeding repeats. In data-parallel training
 (protonet.solver.distributed) a TRAIN net's layer keeps every N-th row of that
 walk for its worker, as Caffe's Skip(), and shuffles with a generator the workers
 share, so their rows never overlap.
@@ -19,6 +23,7 @@ import os
 import numpy as np
 import torch
 
+from .. import rng
 from ..errors import DataError
 from ..io.atomic import atomic_call
 from ..io.hdf5 import creating, read_array, reading
@@ -48,6 +53,8 @@ class HDF5Data(Layer):
         self.shard_rank, self.shard_count = data_shard(self.phase)
         self.offset = 0
         self._random = np.random if self.shard_count == 1 else shared_rng()
+        # Caffe's own shuffles (glibc rand()) once a seed is set, one worker only
+        self._glibc = rng.glibc_rand() if rng.seeded() and self.shard_count == 1 else None
         self.file_order = self._order(len(self.files))
         self.file_index = 0
         self.row_shapes = None
@@ -104,7 +111,15 @@ class HDF5Data(Layer):
         return names
 
     def _order(self, n: int) -> np.ndarray:
-        return self._random.permutation(n) if self.shuffle else np.arange(n)
+        return self._permute(np.arange(n)) if self.shuffle else np.arange(n)
+
+    def _permute(self, order: np.ndarray) -> np.ndarray:
+        """`order` shuffled: std::random_shuffle of it (Caffe's), or numpy's."""
+        if self._glibc is None:
+            return order[self._random.permutation(len(order))]
+        items = order.tolist()
+        self._glibc.random_shuffle(items)
+        return np.asarray(items, dtype=np.int64)
 
     def _load(self, path: str) -> None:
         """Read every top's dataset from `path` and start a new row order."""
@@ -122,8 +137,10 @@ class HDF5Data(Layer):
             self._shuffle_rows()
 
     def _shuffle_rows(self) -> None:
-        order = torch.from_numpy(self._random.permutation(self.rows))
-        self.row_order = order.to(self.device)
+        """A new row order: Caffe shuffles the current one (identity after a load)."""
+        current = np.arange(self.rows) if self.row_order is None else \
+            self.row_order.cpu().numpy()
+        self.row_order = torch.from_numpy(self._permute(current)).to(self.device)
 
     def _rows(self, start: int, count: int, step: int = 1) -> list[torch.Tensor]:
         if self.row_order is None:
@@ -141,7 +158,7 @@ class HDF5Data(Layer):
             if self.file_index == len(self.files):
                 self.file_index = 0
                 if self.shuffle:
-                    self.file_order = self._order(len(self.files))
+                    self.file_order = self._permute(self.file_order)
             self._load(self.files[self.file_order[self.file_index]])
         self.row = 0
         if self.shuffle:

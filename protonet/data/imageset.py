@@ -81,8 +81,9 @@ def read_image_list(path: str) -> list[tuple[str, int]]:
 
 
 def read_image(path: str, height: int = 0, width: int = 0,
-               is_color: bool = True) -> np.ndarray:
-    """An image file as OpenCV's (H, W[, 3]) uint8 BGR, resized when both sizes > 0."""
+               is_color: bool = True, nearest: bool = False) -> np.ndarray:
+    """An image file as OpenCV's (H, W[, 3]) uint8 BGR, resized when both sizes > 0
+    (bilinear, or nearest-neighbour for label images, as SegNet's ReadImageToCVMat)."""
     if "\0" in path:
         raise DataError(f"{path!r}: an image path cannot contain a NUL byte")
     if height > 0 and width > 0 and limits.image_problem(width, height):
@@ -102,7 +103,8 @@ def read_image(path: str, height: int = 0, width: int = 0,
     if image is None:
         raise DataError(f"{path}: not a readable image")
     if height > 0 and width > 0:
-        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+        image = cv2.resize(image, (width, height),
+                           interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR)
     return image
 
 

@@ -1,4 +1,5 @@
-"""Caffe's data layers: Data (LMDB/LevelDB), ImageData, MemoryData and WindowData.
+"""Caffe's data layers: Data (LMDB/LevelDB), ImageData, MemoryData and WindowData,
+and SegNet's DenseImageData (image / label-image pairs).
 
 They reproduce Caffe master's batches: records in cursor (or list) order with
 Caffe's wrap-around, the DataTransformer's arithmetic, and Caffe's checks turned
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import weakref
 from typing import Callable, Iterable, Sequence
 
@@ -42,7 +44,8 @@ from .datum import decode_datum, parse_datum, to_chw
 from .imageset import read_image, read_image_list
 from .lmdb_source import RecordCursor
 from .prefetch import DecodePool, Loader, default_workers
-from .transformer import Batch, DataTransformer, seeded_rng
+from .. import rng
+from .transformer import Batch, DataTransformer
 
 log = logging.getLogger("protonet")
 
@@ -146,22 +149,28 @@ class _ImageListSource(_Source):
     """Image files from a '<path> <label>' list (Caffe's ImageDataLayer)."""
 
     def __init__(self, p: caffe_pb2.ImageDataParameter, transformer: DataTransformer,
-                 skip: int):
+                 rand_skip: Callable[[int], int]):
         super().__init__(p.batch_size, transformer)
         self.list_path, self.root = p.source, p.root_folder
         self.size = (p.new_height, p.new_width)
         self.is_color = p.is_color
-        self.entries = read_image_list(p.source)
-        self._rng = seeded_rng() if p.shuffle else None
+        self.entries = self.read_list(p.source)
+        # Caffe's order: the shuffle's own generator is seeded, the list shuffled
+        # (caffe::shuffle), then rand_skip drawn; each epoch reshuffles.
+        self._rng = rng.child() if p.shuffle else None
         if self._rng is not None:
             self._rng.shuffle(self.entries)
+        skip = rand_skip(p.rand_skip)
         if skip >= len(self.entries):
             raise DataError(f"{p.source}: rand_skip drew {skip}, but the list has only "
                             f"{len(self.entries)} images")
         self.position = skip
-        first = self.entries[skip]
-        self.item_shape = transformer.output_shape(self._read(first).shape,
-                                                   self.root + first[0])
+        self.item_shape = self.first_shape(self.entries[skip])
+
+    read_list = staticmethod(read_image_list)
+
+    def first_shape(self, first) -> tuple[int, int, int]:
+        return self.transformer.output_shape(self._read(first).shape, self.root + first[0])
 
     def _read(self, entry: tuple[str, int]) -> np.ndarray:
         try:
@@ -190,6 +199,101 @@ class _ImageListSource(_Source):
         crops, labels = zip(*items)
         return self.transformer.collate(crops, labels,
                                         [self.root + name for name, _ in entries])
+
+
+def read_pair_list(path: str) -> list[tuple[str, str]]:
+    """'<image> <label image>' pairs, read as whitespace-separated words the way SegNet's
+    `infile >> image >> label` loop does (a dangling last word is dropped)."""
+    try:
+        with open(path, "rb") as f:
+            words = f.read().split()
+    except FileNotFoundError:
+        raise DataError(f"{path}: image list not found") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the image list ({e.strerror})") from None
+    pairs = [(os.fsdecode(words[i]), os.fsdecode(words[i + 1]))
+             for i in range(0, len(words) - 1, 2)]
+    if not pairs:
+        raise DataError(f"{path}: the list holds no '<image> <label image>' pair")
+    return pairs
+
+
+class _DenseImageListSource(_ImageListSource):
+    """Image and label-image pairs (SegNet's DenseImageDataLayer): the label image is
+    read as one gray channel, resized nearest-neighbour, mirrored and cropped with its
+    image, and goes to the top untransformed (no mean, no scale)."""
+
+    read_list = staticmethod(read_pair_list)
+
+    def __init__(self, p, transformer: DataTransformer, rand_skip: Callable[[int], int]):
+        self.crop_size = (p.crop_height, p.crop_width) if p.crop_height > 0 else None
+        self.mirror = bool(p.mirror)
+        # ENet's caffe: labels at 1/factor of the image size (for its encoder stage).
+        self.label_factor = max(1, int(p.label_divide_factor))
+        if self.label_factor > 1 and self.crop_size:
+            raise DataError("label_divide_factor > 1 cannot go with crop_height/crop_width "
+                            "(the crop window would not fit the smaller label image)")
+        # The fork draws (rand() % 2 to mirror, then the crop's row and column offsets)
+        # per item; here up front per batch, in item order, so decoding may run in parallel.
+        self._draws = rng.child() if self.mirror or self.crop_size else None
+        super().__init__(p, transformer, rand_skip)
+
+    def first_shape(self, first) -> tuple[int, int, int]:
+        channels, height, width = self._read(first).shape
+        if self.crop_size:
+            self._check_crop(height, width, self.root + first[0])
+            height, width = self.crop_size
+        return self.transformer.output_shape((channels, height, width), self.root + first[0])
+
+    def _check_crop(self, height: int, width: int, where: str) -> None:
+        if height < self.crop_size[0] or width < self.crop_size[1]:
+            raise DataError(f"{where}: {height}x{width} image is smaller than crop_height x "
+                            f"crop_width {self.crop_size[0]}x{self.crop_size[1]}")
+
+    def _label(self, entry: tuple[str, str]) -> np.ndarray:
+        path = self.root + entry[1]
+        size = [side // self.label_factor for side in self.size]
+        try:
+            image = read_image(path, *size, is_color=False, nearest=True)
+        except DataError as e:
+            raise DataError(f"{self.list_path}: label image '{entry[1]}': {e}") from None
+        return to_chw(image, path)
+
+    def _item(self, job):
+        entry, draw = job
+        where = self.root + entry[0]
+        image, label = self._read(entry), self._label(entry)
+        expected = tuple(side // self.label_factor for side in image.shape[1:])
+        if label.shape[1:] != expected:
+            factor = f" / label_divide_factor {self.label_factor}" \
+                if self.label_factor > 1 else ""
+            raise DataError(f"{where}: image is {image.shape[1]}x{image.shape[2]} but its "
+                            f"label image '{entry[1]}' is {label.shape[1]}x{label.shape[2]}; "
+                            f"they must match{factor}")
+        if self.mirror and draw[0] % 2:
+            image, label = image[:, :, ::-1], label[:, :, ::-1]
+        if self.crop_size:
+            height, width = image.shape[1:]
+            self._check_crop(height, width, where)
+            crop_h, crop_w = self.crop_size
+            h_off = int(draw[1] % (height - crop_h + 1))
+            w_off = int(draw[2] % (width - crop_w + 1))
+            image = image[:, h_off:h_off + crop_h, w_off:w_off + crop_w]
+            label = label[:, h_off:h_off + crop_h, w_off:w_off + crop_w]
+        return self.transformer.crop(image, _NO_DRAW, where), label
+
+    def next_batch(self) -> Batch:
+        entries = [self._take() for _ in range(self.batch_size)]
+        draws = (self._draws.words(3 * len(entries)).astype(np.uint64).reshape(-1, 3)
+                 if self._draws is not None else np.zeros((len(entries), 3), np.uint64))
+        items = self.map(self._item, zip(entries, draws))
+        crops, labels = zip(*items)
+        batch = self.transformer.collate(crops, None, [self.root + e[0] for e in entries])
+        batch.label = torch.from_numpy(np.stack(labels).astype(np.float32))
+        return batch
+
+
+_NO_DRAW = np.zeros(3, dtype=np.uint64)
 
 
 # --- the prefetching layers --------------------------------------------------------
@@ -224,16 +328,26 @@ class PrefetchingDataLayer(Layer):
             raise self.error("data_param.prefetch must be at least 1 (with 0 Caffe "
                              "waits forever); use configure(prefetch=False) to load "
                              "batches synchronously")
+        # Caffe's draws from the main stream, in its order: BaseDataLayer::LayerSetUp
+        # seeds the transformer, DataLayerSetUp draws what the layer needs (shuffle
+        # seed, rand_skip), BasePrefetchingDataLayer::LayerSetUp seeds the
+        # transformer again (that generator is the one used) and StartInternalThread
+        # draws the loading thread's seed (which no stock layer's loading uses).
         try:
+            self.transformer = DataTransformer(self.param.transform_param, self.phase)
+            self.transformer.init_rand()
             self.source = self.make_source()
         except DataError as e:
             raise self.located(e) from None
+        self.transformer.init_rand()
+        self.thread_seed = rng.child_seed()
 
     def make_source(self) -> _Source:
         raise NotImplementedError
 
     def make_transformer(self) -> DataTransformer:
-        return DataTransformer(self.param.transform_param, self.phase)
+        """The transformer setup made (Caffe's data_transformer_)."""
+        return self.transformer
 
     def reshape(self, bottom_shapes):
         batch = self.source.batch_size
@@ -278,8 +392,8 @@ class PrefetchingDataLayer(Layer):
         return value
 
     def rand_skip(self, limit: int) -> int:
-        """Caffe's `rand() % rand_skip`, drawn from the global generator."""
-        return int(torch.randint(0, limit, ()).item()) if limit else 0
+        """Caffe's `caffe_rng_rand() % rand_skip`, from the main stream."""
+        return rng.rand_mod(limit)
 
 
 def _shut_down(loader: Loader, source: _Source) -> None:
@@ -312,9 +426,38 @@ class ImageData(PrefetchingDataLayer):
         if (p.new_height > 0) != (p.new_width > 0):
             raise self.error("set new_height and new_width together (or neither)")
         self.positive_batch_size(p.batch_size, "image_data_param.batch_size")
-        transformer = self.make_transformer()
-        skip = self.rand_skip(p.rand_skip)
-        return _ImageListSource(p, transformer, skip)
+        return _ImageListSource(p, self.make_transformer(), self.rand_skip)
+
+
+@register("DenseImageData")
+class DenseImageData(PrefetchingDataLayer):
+    """SegNet's data layer (alexgkendall/caffe-segnet dense_image_data_layer.cpp; ENet's
+    caffe adds label_divide_factor, labels read at new_height/f x new_width/f):
+    '<image> <label image>' lines, tops data (N, C, h, w) and label (N, 1, h, w). Its own mirror / crop_height / crop_width move image and label
+    together; transform_param's mirror and crop_size, which would move the image alone,
+    are refused as the fork refuses them. With batch_size 1 and no resize or crop each
+    batch keeps its image's size, as in the fork."""
+    exact_tops = 2
+
+    def make_source(self) -> _Source:
+        p = self.param.dense_image_data_param
+        if (p.new_height > 0) != (p.new_width > 0):
+            raise self.error("set new_height and new_width together (or neither)")
+        if (p.crop_height > 0) != (p.crop_width > 0):
+            raise self.error("set crop_height and crop_width together (or neither)")
+        t = self.param.transform_param
+        if t.mirror or t.crop_size:
+            raise self.error("transform_param mirror and crop_size would move the image "
+                             "without its label image; use dense_image_data_param's mirror, "
+                             "crop_height and crop_width")
+        self.positive_batch_size(p.batch_size, "dense_image_data_param.batch_size")
+        return _DenseImageListSource(p, self.make_transformer(), self.rand_skip)
+
+    def reshape(self, bottom_shapes):
+        batch, factor = self.source.batch_size, self.source.label_factor
+        channels, height, width = self.source.item_shape
+        return [(batch, channels, height, width),
+                (batch, 1, height // factor, width // factor)]
 
 
 @register("MemoryData")
@@ -338,6 +481,9 @@ class MemoryData(Layer):
         self._data: torch.Tensor | None = None
         self._labels: torch.Tensor | None = None
         self._position = 0
+        t = self.param.transform_param
+        if t.mirror or (self.phase == caffe_pb2.TRAIN and t.crop_size):
+            rng.child_seed()    # BaseDataLayer::InitRand's draw, though nothing is transformed
 
     def reshape(self, bottom_shapes):
         return [(self.batch_size, *self.item_shape), (self.batch_size,)]
@@ -459,7 +605,8 @@ class _WindowSource(_Source):
         self.num_fg = int(np.float32(p.batch_size) * np.float32(p.fg_fraction))
         self.cache = [self._file_bytes(path) for path, _ in self.images] \
             if p.cache_images else None
-        self._rng = seeded_rng()
+        # PrefetchRand's generator, seeded in DataLayerSetUp (crop_size is required).
+        self._rng = rng.child()
         means = transformer.mean_values
         if means is not None and len(means) not in (1, channels):
             raise DataError(f"{len(means)} mean_value entries for {channels} channels; "
@@ -490,8 +637,11 @@ class _WindowSource(_Source):
         for windows, count in ((self.bg, self.batch_size - self.num_fg),
                                (self.fg, self.num_fg)):
             for _ in range(count):
-                window = windows[int(self._rng.integers(0, 2**32)) % len(windows)]
-                mirror = self.transformer.mirror and bool(self._rng.integers(0, 2**32) % 2)
+                window = windows[self._rng.rand() % len(windows)]
+                # Caffe draws the coin whenever mirror is set; mirror_in_test=False
+                # only ignores it.
+                coin = self.transformer.mirror_requested and bool(self._rng.rand() % 2)
+                mirror = coin and self.transformer.mirror
                 jobs.append((window, mirror))
         data = torch.from_numpy(np.stack(self.map(self._warp, jobs)))
         labels = torch.tensor([float(w[1]) for w, _ in jobs], dtype=torch.float32)

@@ -128,6 +128,8 @@ class _SharedHandles:
             return entry[0]
 
     def release(self, path: str) -> None:
+        """`path` as acquired: readers pass it absolute, resolved when they open, so
+        that a chdir in between cannot change which handle it names."""
         key = os.path.realpath(path)
         with self._lock:
             entry = self._open[key]
@@ -144,12 +146,12 @@ class _LmdbStore:
     """A read transaction held open for the cursor's life, as Caffe holds one."""
 
     def __init__(self, path: str):
-        self.path = path
-        self.env = _HANDLES.acquire(path, _open_lmdb)
+        self.path, self._key = path, os.path.abspath(path)
+        self.env = _HANDLES.acquire(self._key, _open_lmdb)
         try:
             self.txn = self.env.begin(buffers=False)
         except lmdb.Error as e:
-            _HANDLES.release(path)
+            _HANDLES.release(self._key)
             raise DataError(f"{path}: cannot read the LMDB ({e})") from None
 
     def records(self) -> Iterator[tuple[bytes, bytes]]:
@@ -168,7 +170,7 @@ class _LmdbStore:
         if self.txn is not None:
             self.txn.abort()
             self.txn = None
-            _HANDLES.release(self.path)
+            _HANDLES.release(self._key)
 
 
 def _open_lmdb(path: str) -> lmdb.Environment:
@@ -189,8 +191,8 @@ class _LevelDbStore:
     """A snapshot of a LevelDB read through plyvel, when that binding is installed."""
 
     def __init__(self, path: str):
-        self.path = path
-        self.snapshot = _HANDLES.acquire(path, _open_leveldb).snapshot()
+        self.path, self._key = path, os.path.abspath(path)
+        self.snapshot = _HANDLES.acquire(self._key, _open_leveldb).snapshot()
 
     def records(self) -> Iterator[tuple[bytes, bytes]]:
         return self.snapshot.iterator()
@@ -202,7 +204,7 @@ class _LevelDbStore:
         if self.snapshot is not None:
             self.snapshot.close()
             self.snapshot = None
-            _HANDLES.release(self.path)
+            _HANDLES.release(self._key)
 
 
 def _open_leveldb(path: str):

@@ -14,7 +14,10 @@ threads), `collate` stacks a batch (the one copy), and `normalize` does the floa
 arithmetic for the whole batch with torch, on the CPU or on the GPU after a uint8
 copy; a mirrored item subtracts the mirrored window of the mean, which is the same
 arithmetic as Caffe's flip after subtraction. Random draws are taken up front, in
-record order, so parallel decoding stays deterministic.
+record order, so parallel decoding stays deterministic: the transformer's own
+mt19937 (Caffe's `InitRand`, seeded from the main stream by `init_rand`) gives, per
+record, a mirror word when `mirror` is set, then h and w words for a TRAIN crop, each
+used `% n` as Caffe's `Rand(n)`.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .. import rng
 from ..errors import DataError, ProtonetError
 from ..io.binary import read_binary
 from ..io.weights import blob_shape, blob_to_array
@@ -90,7 +94,8 @@ class DataTransformer:
             "mean_file") else None
         self.mean_values = (np.asarray(param.mean_value, dtype=np.float32)
                             if len(param.mean_value) else None)
-        self._rng = seeded_rng() if self.mirror_requested or self.random_crop else None
+        self._rng: rng.CaffeRNG | None = None
+        self._rng_ready = False
         self._device_means: dict[torch.device, torch.Tensor] = {}
 
     @property
@@ -98,12 +103,30 @@ class DataTransformer:
         """Whether items get a mirror coin flip: Caffe's rule unless opted out in TEST."""
         return self.mirror_requested and (self.phase == TRAIN or self.mirror_in_test)
 
+    @property
+    def needs_rand(self) -> bool:
+        return self.mirror_requested or self.random_crop
+
+    def init_rand(self) -> None:
+        """Caffe's DataTransformer::InitRand: a generator of its own, seeded with one
+        word of the main stream, when mirror or a TRAIN crop needs one."""
+        self._rng = rng.child() if self.needs_rand else None
+        self._rng_ready = True
+
     # -- per record (decode threads) ------------------------------------------------
     def draw(self, count: int) -> np.ndarray:
-        """Raw 32-bit draws (mirror, h, w) for `count` records, in record order."""
+        """Raw 32-bit draws (mirror, h, w) for `count` records, in record order: the
+        words Caffe's Transform takes, mirror first (when `mirror`), then h and w
+        (for a TRAIN crop); columns Caffe does not draw stay 0."""
+        if not self._rng_ready:
+            self.init_rand()
+        out = np.zeros((count, 3), dtype=np.uint64)
         if self._rng is None:
-            return np.zeros((count, 3), dtype=np.uint64)
-        return self._rng.integers(0, 2**32, size=(count, 3), dtype=np.uint64)
+            return out
+        columns = [0] * self.mirror_requested + [1, 2] * self.random_crop
+        words = self._rng.words(count * len(columns)).reshape(count, len(columns))
+        out[:, columns] = words
+        return out
 
     def output_shape(self, image_shape: Sequence[int], where: str) -> tuple[int, int, int]:
         """(C, h, w) of a transformed record (Caffe's InferBlobShape), checked."""
@@ -222,8 +245,3 @@ class DataTransformer:
             cached = torch.from_numpy(array).to(device)
             self._device_means[device] = cached
         return cached
-
-
-def seeded_rng() -> np.random.Generator:
-    """A generator seeded from torch's global one, so protonet.set_random_seed rules."""
-    return np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))

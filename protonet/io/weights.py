@@ -187,6 +187,9 @@ def copy_trained_layers(layers: Iterable, source: caffe_pb2.NetParameter,
             if src.blobs:
                 log.info("Ignoring source layer %s", src.name)
             continue
+        adapt = getattr(target, "adapt_to_stored_blobs", None)
+        if adapt is not None:       # a layer type whose forks differ in blob count
+            adapt(len(src.blobs))
         if len(target.blobs) != len(src.blobs) and not (
                 partial and len(src.blobs) < len(target.blobs)):
             raise WeightsError(f"{path}: layer '{src.name}' has {len(src.blobs)} blob(s) "

@@ -85,24 +85,30 @@ class _Loss(Layer):
 
 # -- SoftmaxWithLoss and InfogainLoss: a softmax over a class axis ---------------------
 class _SoftmaxLossFunction(torch.autograd.Function):
-    """-log(max(p[label], FLT_MIN)) over counted positions; Caffe's (p - 1[label])."""
+    """-log(max(p[label], FLT_MIN)) over counted positions; Caffe's (p - 1[label]).
+    With `weight` (SegNet/ENet's class_weighting, one value per position, by its
+    label) both are multiplied by it; the normalizer stays the count."""
 
     @staticmethod
-    def forward(ctx, scores, index, valid, normalizer):
+    def forward(ctx, scores, index, valid, normalizer, weight=None):
         prob = torch.softmax(scores, dim=1)
         picked = prob.gather(1, index.unsqueeze(1)).squeeze(1)
         nll = -torch.log(picked.clamp(min=FLT_MIN))
-        ctx.save_for_backward(prob, index, valid, normalizer)
+        if weight is not None:
+            nll = nll * weight
+        ctx.save_for_backward(prob, index, valid, normalizer, weight)
         ctx.mark_non_differentiable(prob)
         return torch.where(valid, nll, 0.0).sum() / normalizer, prob
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_prob):
-        prob, index, valid, normalizer = ctx.saved_tensors
+        prob, index, valid, normalizer, weight = ctx.saved_tensors
         grad = prob.scatter_add(1, index.unsqueeze(1),
                                 torch.full_like(prob[:, :1], -1.0))
+        if weight is not None:
+            grad = grad * weight.unsqueeze(1)
         grad = torch.where(valid.unsqueeze(1), grad, 0.0)
-        return grad * (grad_loss / normalizer), None, None, None
+        return grad * (grad_loss / normalizer), None, None, None, None
 
 
 class _InfogainFunction(torch.autograd.Function):
@@ -165,7 +171,11 @@ class _ClassAxisLoss(_Loss):
 
 @register("SoftmaxWithLoss")
 class SoftmaxWithLoss(_ClassAxisLoss):
-    """Multinomial logistic loss of a softmax; second top: the probabilities."""
+    """Multinomial logistic loss of a softmax; second top: the probabilities.
+
+    SegNet's and ENet's forks add `weight_by_label_freqs` with one `class_weighting`
+    per class: each position's loss and gradient are multiplied by its label's weight
+    (the normalizer is still the count of positions)."""
 
     def setup(self, bottom_shapes):
         super().setup(bottom_shapes)
@@ -174,12 +184,30 @@ class SoftmaxWithLoss(_ClassAxisLoss):
             self.normalization = Norm.VALID if loss_param.normalize else Norm.BATCH_SIZE
         else:
             self.normalization = loss_param.normalization
+        weights = list(loss_param.class_weighting) if loss_param.weight_by_label_freqs \
+            else []
+        if loss_param.weight_by_label_freqs and not weights:
+            raise self.error("weight_by_label_freqs needs one class_weighting per class")
+        self.register_buffer("class_weights", torch.tensor(weights, dtype=torch.float32),
+                             persistent=False)
+
+    def reshape(self, bottom_shapes):
+        tops = super().reshape(bottom_shapes)
+        classes = self.split(bottom_shapes[0])[1]
+        if self.class_weights.numel() and self.class_weights.numel() != classes:
+            raise self.shape_error(f"{self.class_weights.numel()} class_weighting values "
+                                   f"for {classes} classes")
+        return tops
 
     def class_axis(self):
         return self.param.softmax_param.axis
 
     def forward(self, scores, label):
-        loss, prob = _SoftmaxLossFunction.apply(*self.prepare(scores, label))
+        scores3, index, valid, normalizer = self.prepare(scores, label)
+        weight = None
+        if self.class_weights.numel():
+            weight = self.class_weights.to(scores.dtype)[index]
+        loss, prob = _SoftmaxLossFunction.apply(scores3, index, valid, normalizer, weight)
         return self.tops(loss, prob, scores.shape)
 
 

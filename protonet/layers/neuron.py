@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import rng
 from ..proto import caffe_pb2
 from .base import Layer
 from .registry import register
@@ -227,8 +229,17 @@ class Dropout(Neuron):
     def forward(self, x):
         ratio = self.param.dropout_param.dropout_ratio
         if self.phase == caffe_pb2.TRAIN:
+            scale = float(np.float32(1.0 / (1.0 - ratio)))     # Caffe's float scale_
+            if rng.seeded() and not torch.jit.is_tracing() and \
+                    not torch.compiler.is_compiling():
+                # Caffe's CPU draw, caffe_rng_bernoulli(count, 1. - threshold_) (a double
+                # p), made on the host and moved; GPU Caffe draws with curand instead.
+                keep = rng.caffe_rng().bernoulli(x.numel(), 1.0 - ratio, double=True)
+                mask = torch.from_numpy(keep).reshape(x.shape).to(device=x.device,
+                                                                  dtype=x.dtype).mul_(scale)
+                return x * mask
             # The kept mask times the scale is 0 or 1/(1 - p) exactly: one pass over x.
-            mask = torch.empty_like(x).bernoulli_(1.0 - ratio).mul_(1.0 / (1.0 - ratio))
+            mask = torch.empty_like(x).bernoulli_(1.0 - ratio).mul_(scale)
             return x * mask
         return x if self.in_place else x.clone()
 

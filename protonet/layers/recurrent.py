@@ -22,6 +22,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import rng
+from ..fillers import fill
 from .base import TEST, Layer
 from .registry import register
 
@@ -140,6 +142,7 @@ class Recurrent(Layer):
         self.input_dim = math.prod(x[2:])
         self.static_dim = math.prod(bottom_shapes[2][1:]) if self.has_static else 0
         self.create_params(rp)
+        self.draw_unrolled_copies(rp)
 
     def create_params(self, rp) -> None:
         """Add the param blobs in Caffe's order (the caffemodel order)."""
@@ -149,6 +152,20 @@ class Recurrent(Layer):
         if self.has_static:
             self.add_blob((rows, self.static_dim), rp.weight_filler)
         self.add_blob((rows, self.hidden), rp.weight_filler)
+
+    def step_params(self, rp) -> list:
+        """(shape, filler) of the params every unrolled time step's layers have."""
+        return [((self.gate_factor * self.hidden, self.hidden), rp.weight_filler)]
+
+    def draw_unrolled_copies(self, rp) -> None:
+        """Caffe builds a net unrolled over the T time steps, in which each step's
+        layers fill their params before Net::Init shares them with step 1's; with a
+        seed set, the stream moves on by those T - 1 discarded fills, in that order."""
+        if not rng.seeded():
+            return
+        for _ in range(self.num_steps - 1):
+            for shape, filler in self.step_params(rp):
+                fill(filler, shape, self.layer_name)
 
     def reshape(self, bottom_shapes):
         shapes = [tuple(s) for s in bottom_shapes]
@@ -250,6 +267,12 @@ class RNN(Recurrent):
         super().create_params(rp)
         self.add_blob((self.hidden, self.hidden), rp.weight_filler)
         self.add_blob((self.hidden,), rp.bias_filler)
+
+    def step_params(self, rp):
+        """Each step of Caffe's unrolled RNN: W_hh, then W_ho and b_o."""
+        square = (self.hidden, self.hidden)
+        return [(square, rp.weight_filler), (square, rp.weight_filler),
+                ((self.hidden,), rp.bias_filler)]
 
     def step(self, projected_t, static, cont_t, state):
         (h_prev,) = state

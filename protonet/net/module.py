@@ -524,12 +524,15 @@ class NetModule(nn.Module):
             self._blob_plan, self._blob_plan_key = plan, key
         return plan.forward_blobs(inputs or {})
 
-    def infer_shapes(self, input_shapes: Mapping[str, Sequence[int]]) -> None:
-        """Re-run shape inference for new input shapes (pycaffe's net.reshape())."""
+    def infer_shapes(self, input_shapes: Mapping[str, Sequence[int]], first: int = 0,
+                     last: int | None = None) -> None:
+        """Re-run shape inference for new input shapes (pycaffe's net.reshape()), over
+        layers first..last (as Caffe's Forward reshapes only the layers it runs); the
+        shapes of blobs later layers make stay as they were."""
         shapes = list(self.blob_shapes)
         for name, shape in input_shapes.items():
             shapes[self.blob_index[name]] = tuple(int(d) for d in shape)
-        for step in self.steps:
+        for step in self.steps[first:None if last is None else last + 1]:
             if step.is_input:
                 continue
             layer = self.layers[step.layer]

@@ -25,6 +25,7 @@ from typing import Callable, ClassVar
 import numpy as np
 import torch
 
+from .. import hostsync
 from ..errors import ProtonetError, SolverError, closest
 from ..io.text import to_text
 from ..io.weights import copy_weights, save_caffemodel
@@ -246,12 +247,20 @@ class Solver(Testing, Reporting):
     # -- the loop -----------------------------------------------------------------------
     def step(self, iters: int) -> None:
         """Run `iters` iterations (Caffe's Solver::Step)."""
+        hostsync.push_pending()
         self._stepping = True
         try:
             self._step(iters)
         finally:
             self._stepping = False
             self._own_diffs()
+            self._params_changed()
+
+    def _params_changed(self) -> None:
+        """Off the CPU: the params' host buffers that scripts read (solver.net.params)
+        are stale after an update (see hostsync)."""
+        for view in self._views:
+            view._params_changed(data=True, diff=True)
 
     def _own_diffs(self) -> None:
         """Inside step() a param's diff may be the update rule's history buffer
@@ -347,7 +356,11 @@ class Solver(Testing, Reporting):
         net.share_with(self.net)
 
     def apply_update(self) -> None:
-        """Caffe's SGDSolver::ApplyUpdate, then count the iteration."""
+        """Caffe's SGDSolver::ApplyUpdate, then count the iteration. Off the CPU,
+        param arrays a script read or wrote since the last pass show the update
+        (Caffe's Blob::Update runs on the host memory when the head is there)."""
+        held = hostsync.held(self._params, diff=False) + hostsync.held(self._params, diff=True)
+        hostsync.push_pending()        # diffs and weights a script wrote (on a GPU)
         self._follow_param()
         rate, self.current_step = self._policy(self.iter, self.current_step)
         display = bool(self.param.display) and self.iter % self.param.display == 0
@@ -363,6 +376,10 @@ class Solver(Testing, Reporting):
             if not getattr(self, "_stepping", False):
                 self._own_diffs()
         self.iter += 1
+        if not getattr(self, "_stepping", False):
+            self._params_changed()
+        for copy in held:
+            copy.refresh()
 
     def _unscale(self, grads: list[torch.Tensor]) -> bool:
         """fp16: divide the diffs by the loss scale; False when they are not finite
@@ -471,6 +488,7 @@ class Solver(Testing, Reporting):
         model = snapshot_filename(p.snapshot_prefix, self.iter,
                                   ".caffemodel.h5" if hdf5 else ".caffemodel")
         log.info("Snapshotting to %s file %s", kind, model)
+        hostsync.push_pending()
         save_caffemodel(self.train_module, model, write_diff=p.snapshot_diff)
         state_path = snapshot_filename(p.snapshot_prefix, self.iter,
                                        ".solverstate.h5" if hdf5 else ".solverstate")
@@ -491,7 +509,9 @@ class Solver(Testing, Reporting):
         check_history(self._rule.history, state.history, state_file)  # before any change
         if state.learned_net:
             model = resolve_learned_net(state_file, state.learned_net)
+            hostsync.push_pending()
             copy_weights(self.train_module.layers, model)
+            self._params_changed()
         log.info("%s: restoring history", type(self).__name__)
         load_history(self._rule.history, state.history, state_file)
         self.iter = state.iter
