@@ -8,8 +8,5 @@ from . import (  # noqa: F401,E402
     neuron, normalization, pooling, python_layer, recurrent, structure, upsampling,
 )
 from . import channel_ops, roi  # noqa: F401,E402  (Caffe forks' layers: docs/forks.md)
-# The data layers (Data, ImageData, HDF5Data, ...) live in protonet.data; registering
-# them here means any use of the layer registry sees them, however protonet was imported.
-from ..data import hdf5 as _hdf5, layers as _data_layers  # noqa: F401,E402
 
 __all__ = ["Layer", "layer_class", "register", "registered_types"]

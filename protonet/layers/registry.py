@@ -26,8 +26,23 @@ def register(type_name: str, *, replace: bool = False) -> Callable[[L], L]:
     return wrap
 
 
+_DATA_LOADED = False
+
+
+def _load_data_layers() -> None:
+    """The data layers (Data, ImageData, HDF5Data, AnnotatedData, ...) live in
+    protonet.data and register when imported; the first lookup imports them, so
+    however protonet was imported (`import protonet` itself loads no torch) the
+    registry knows them, without an import cycle with protonet.layers."""
+    global _DATA_LOADED
+    if not _DATA_LOADED:
+        _DATA_LOADED = True
+        from ..data import annotated, hdf5, layers  # noqa: F401
+
+
 def layer_class(type_name: str, layer_name: str = "") -> type[Layer]:
     """The class for `type_name`, or an error naming the closest known types."""
+    _load_data_layers()
     cls = _REGISTRY.get(type_name)
     if cls is None:
         raise NetError(f"unknown layer type '{type_name}'{closest(type_name, _REGISTRY)}",
@@ -36,4 +51,5 @@ def layer_class(type_name: str, layer_name: str = "") -> type[Layer]:
 
 
 def registered_types() -> list[str]:
+    _load_data_layers()
     return sorted(_REGISTRY)
