@@ -8,22 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ssd_prototxt import document, layer, layers, multibox_heads
+
 OUT = Path(__file__).resolve().parents[1] / "protonet" / "model_zoo" / "res10_ssd_face" \
     / "deploy.prototxt"
-VARIANCE = "variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2"
-
-layers: list[str] = []
-
-
-def layer(name, kind, bottoms, tops, body=""):
-    bottoms = [bottoms] if isinstance(bottoms, str) else bottoms
-    tops = [tops] if isinstance(tops, str) else tops
-    lines = [f'layer {{\n  name: "{name}"\n  type: "{kind}"']
-    lines += [f'  bottom: "{b}"' for b in bottoms]
-    lines += [f'  top: "{t}"' for t in tops]
-    if body:
-        lines.append("  " + body)
-    layers.append("\n".join(lines) + "\n}")
 
 
 def conv(name, bottom, top, out, kernel, stride=1, pad=0, bias=True, dilation=1):
@@ -91,48 +79,17 @@ def build() -> str:
         trunk = f"conv{n}_2_h"
     layer("conv4_3_norm", "Normalize", "layer_256_1_bn1", "conv4_3_norm",
           "norm_param { across_spatial: false channel_shared: false }")
-    # source, name prefix, min, max, aspect ratios, step
+    # source, name prefix, min size, max size, aspect ratios, step
     heads = [("conv4_3_norm", "conv4_3_norm", 30, 60, [2], 8),
              ("fc7", "fc7", 60, 111, [2, 3], 16),
              ("conv6_2_h", "conv6_2", 111, 162, [2, 3], 32),
              ("conv7_2_h", "conv7_2", 162, 213, [2, 3], 64),
              ("conv8_2_h", "conv8_2", 213, 264, [2], 100),
              ("conv9_2_h", "conv9_2", 264, 315, [2], 300)]
-    for source, prefix, low, high, ratios, step in heads:
-        priors = 2 + 2 * len(ratios)
-        for kind, per_prior in (("loc", 4), ("conf", 2)):
-            name = f"{prefix}_mbox_{kind}"
-            conv(name, source, name, priors * per_prior, 3, 1, 1)
-            layer(name + "_perm", "Permute", name, name + "_perm",
-                  "permute_param { order: 0 order: 2 order: 3 order: 1 }")
-            layer(name + "_flat", "Flatten", name + "_perm", name + "_flat",
-                  "flatten_param { axis: 1 }")
-        ar = " ".join(f"aspect_ratio: {r}" for r in ratios)
-        layer(f"{prefix}_mbox_priorbox", "PriorBox", [source, "data"],
-              f"{prefix}_mbox_priorbox",
-              f"prior_box_param {{ min_size: {low} max_size: {high} {ar} flip: true "
-              f"clip: false {VARIANCE} step: {step} offset: 0.5 }}")
-    for kind, axis in (("loc", 1), ("conf", 1), ("priorbox", 2)):
-        layer(f"mbox_{kind}", "Concat", [f"{h[1]}_mbox_{kind}" + ("" if kind == "priorbox"
-                                                                  else "_flat")
-                                         for h in heads], f"mbox_{kind}",
-              f"concat_param {{ axis: {axis} }}")
-    layer("mbox_conf_reshape", "Reshape", "mbox_conf", "mbox_conf_reshape",
-          "reshape_param { shape { dim: 0 dim: -1 dim: 2 } }")
-    layer("mbox_conf_softmax", "Softmax", "mbox_conf_reshape", "mbox_conf_softmax",
-          "softmax_param { axis: 2 }")
-    layer("mbox_conf_flatten", "Flatten", "mbox_conf_softmax", "mbox_conf_flatten",
-          "flatten_param { axis: 1 }")
-    layer("detection_out", "DetectionOutput", ["mbox_loc", "mbox_conf_flatten", "mbox_priorbox"],
-          "detection_out",
-          "detection_output_param { num_classes: 2 share_location: true "
-          "background_label_id: 0 nms_param { nms_threshold: 0.45 top_k: 400 } "
-          "code_type: CENTER_SIZE keep_top_k: 200 confidence_threshold: 0.01 }")
-    head = ('name: "res10_300x300_ssd"\n'
-            "# OpenCV's face detector: written by protonet's tools/write_res10_deploy.py\n"
-            'layer {\n  name: "data"\n  type: "Input"\n  top: "data"\n'
-            "  input_param { shape { dim: 1 dim: 3 dim: 300 dim: 300 } }\n}")
-    return "\n".join([head] + layers) + "\n"
+    multibox_heads(heads, 2, lambda name, bottom, out: conv(name, bottom, name, out, 3, 1, 1),
+                   top_k=400, keep_top_k=200, confidence_threshold=0.01)
+    return document("res10_300x300_ssd", "OpenCV's face detector: written by protonet's "
+                    "tools/write_res10_deploy.py")
 
 
 if __name__ == "__main__":
