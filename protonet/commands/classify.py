@@ -25,15 +25,18 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def add_model_arguments(p) -> None:
-    """The flags that choose a classifier and its preprocessing (`serve` shares them)."""
+def add_model_arguments(p, labels_help: str = "label file, one per line (e.g. "
+                        "synset_words.txt)",
+                        image_size_help: str = "resize to H[,W] before the center crop") -> None:
+    """The flags that choose a model and its preprocessing (`detect`, `segment` and
+    `serve` share them)."""
     p.add_argument("--model", required=True, help="zoo model name or deploy.prototxt")
     p.add_argument("--weights", help="caffemodel (or zoo:NAME); default: the zoo model's")
-    p.add_argument("--labels", help="label file, one per line (e.g. synset_words.txt)")
+    p.add_argument("--labels", help=labels_help)
     p.add_argument("--gpu", nargs="?", const="0", help="run on GPU ID (default 0)")
     p.add_argument("--mean-value", help="B,G,R means to subtract (overrides the model's)")
     p.add_argument("--scale", type=float, help="multiply after mean subtraction")
-    p.add_argument("--image-size", help="resize to H[,W] before the center crop")
+    p.add_argument("--image-size", help=image_size_help)
     p.add_argument("--cache-dir", help="weights cache (default: $PROTONET_CACHE or "
                                        "~/.cache/protonet)")
 
@@ -67,23 +70,22 @@ def _check_files(args) -> None:
             raise ProtonetError(f"{image}: no such image file")
 
 
-def model_from_args(args) -> "classify.Model":
-    """The zoo entry or deploy file the flags name, with their preprocessing."""
-    from .. import classify
+def model_from_args(args, family=None):
+    """The zoo entry or deploy file the flags name, with their preprocessing, as a
+    `family.Model` (protonet.classify's by default; protonet.detect's for detectors)."""
+    if family is None:
+        from .. import classify as family
     if os.path.exists(args.model) or args.model.endswith(".prototxt"):
         if not args.weights:
             raise ProtonetError(f"--model {args.model} is a file: give its --weights too")
-        model = classify.Model(args.model, zoo.resolve_weights(args.weights, args.cache_dir),
-                               zoo.Preprocess(None, None, ()))
+        model = family.Model(args.model, zoo.resolve_weights(args.weights, args.cache_dir),
+                             zoo.Preprocess(None, None, ()))
     else:
-        model = classify.zoo_model(args.model, args.weights, args.cache_dir)
+        model = family.zoo_model(args.model, args.weights, args.cache_dir)
     if args.labels:
-        model.labels = classify.read_labels(args.labels)
+        model.labels = family.read_labels(args.labels)
     model.preprocess = _overridden(model.preprocess, args)
     return model
-
-
-_model = model_from_args     # the name segment (and detect) import
 
 
 def _overridden(prep: zoo.Preprocess, args) -> zoo.Preprocess:

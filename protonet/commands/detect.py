@@ -8,10 +8,9 @@ Nothing here imports torch until the command runs.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
-from ..errors import ProtonetError
+from .classify import add_model_arguments, model_from_args
 
 
 def register(sub) -> None:
@@ -19,20 +18,13 @@ def register(sub) -> None:
                        description="Print (or --json) the boxes, labels and scores an "
                                    "SSD-style net (DetectionOutput) finds in each image; "
                                    "--out draws them.")
-    p.add_argument("--model", required=True, help="zoo model name or deploy.prototxt")
-    p.add_argument("--weights", help="caffemodel (or zoo:NAME); default: the zoo model's")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--threshold", type=float,
                    help="lowest score shown (default: the model's, else 0.5)")
     p.add_argument("--out", metavar="DIR", help="write each image with its boxes drawn here")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument("--labels", help="label file, one per line, line N naming label N")
-    p.add_argument("--gpu", nargs="?", const="0", help="run on GPU ID (default 0)")
-    p.add_argument("--mean-value", help="B,G,R means to subtract (overrides the model's)")
-    p.add_argument("--scale", type=float, help="multiply after mean subtraction")
-    p.add_argument("--image-size", help="resize to H[,W] (default: the net's input)")
-    p.add_argument("--cache-dir", help="weights cache (default: $PROTONET_CACHE or "
-                                       "~/.cache/protonet)")
+    add_model_arguments(p, labels_help="label file, one per line, line N naming label N",
+                        image_size_help="resize to H[,W] (default: the net's input)")
     p.set_defaults(func=run)
 
 
@@ -40,7 +32,7 @@ def run(args) -> int:
     from .. import detect
     from ..device import select_device
 
-    model = _model(args)
+    model = model_from_args(args, detect)
     results = detect.detect(model, args.images, args.threshold,
                             device=select_device(args.gpu))
     written = {}
@@ -66,20 +58,3 @@ def run(args) -> int:
             print(f"  {d.score:.4f}  {d.name or d.label}  "
                   f"[{x1:.1f}, {y1:.1f}, {x2:.1f}, {y2:.1f}]")
     return 0
-
-
-def _model(args):
-    from .. import detect, zoo
-    from .classify import _overridden
-
-    if os.path.exists(args.model) or args.model.endswith(".prototxt"):
-        if not args.weights:
-            raise ProtonetError(f"--model {args.model} is a file: give its --weights too")
-        model = detect.Model(args.model, zoo.resolve_weights(args.weights, args.cache_dir),
-                             zoo.Preprocess(None, None, ()))
-    else:
-        model = detect.zoo_model(args.model, args.weights, args.cache_dir)
-    if args.labels:
-        model.labels = detect.read_labels(args.labels)
-    model.preprocess = _overridden(model.preprocess, args)
-    return model

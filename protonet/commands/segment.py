@@ -11,13 +11,12 @@ from pathlib import Path
 
 
 def register(sub) -> None:
+    from .classify import add_model_arguments
     p = sub.add_parser("segment", help="label maps (colour overlay PNGs) of images with a "
                                        "segmentation net",
                        description="Run an FCN/SegNet/PSPNet-style net whose output is a "
                                    "(1, C, H, W) score map; write each image's label map as "
                                    "a colour overlay PNG and a raw label PNG.")
-    p.add_argument("--model", required=True, help="zoo model name or deploy.prototxt")
-    p.add_argument("--weights", help="caffemodel (or zoo:NAME); default: the zoo model's")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--out", default=".", help="folder for the PNGs (default: .)")
     p.add_argument("--alpha", type=float, default=0.5,
@@ -25,13 +24,8 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true",
                    help="print per-class pixel fractions and the files written as JSON")
     p.add_argument("--output", help="output blob (default: the net's last)")
-    p.add_argument("--labels", help="class names, one per line, for --json")
-    p.add_argument("--gpu", nargs="?", const="0", help="run on GPU ID (default 0)")
-    p.add_argument("--mean-value", help="B,G,R means to subtract (overrides the model's)")
-    p.add_argument("--scale", type=float, help="multiply after mean subtraction")
-    p.add_argument("--image-size", help="resize to H[,W] (default: the net's input size)")
-    p.add_argument("--cache-dir", help="weights cache (default: $PROTONET_CACHE or "
-                                       "~/.cache/protonet)")
+    add_model_arguments(p, labels_help="class names, one per line, for --json",
+                        image_size_help="resize to H[,W] (default: the net's input size)")
     p.set_defaults(func=run)
 
 
@@ -39,12 +33,11 @@ def run(args) -> int:
     from .. import segment
     from ..device import select_device
     from ..errors import ProtonetError
-    from .classify import _model
+    from .classify import model_from_args
 
     if not 0 <= args.alpha <= 1:
         raise ProtonetError(f"--alpha must be between 0 and 1, got {args.alpha}")
-    args.top_k, args.oversample = 1, False      # classify's options _model may read
-    model = _model(args)
+    model = model_from_args(args)
     if args.output:
         model.output = args.output
     if args.image_size:         # segment feeds the whole resized image, no crop

@@ -132,8 +132,8 @@ def _model(args):
         detector = zoo.load_entry(args.model).task == "detection"
     if not detector:
         return classify_command.model_from_args(args)
-    from . import detect as detect_command
-    model = detect_command._model(args)
+    from .. import detect
+    model = classify_command.model_from_args(args, detect)
     if args.threshold is not None:
         model.threshold = args.threshold
     return model
