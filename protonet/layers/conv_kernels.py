@@ -64,7 +64,7 @@ def _out(size: int, k: int, s: int, p: int) -> int:
 def _pointwise(x, weight, bias, stride):
     """A 1x1 convolution as one matrix product on the [N, H, W, C] view of x."""
     if tuple(stride) != (1, 1):
-        x = x[:, :, ::stride[0], ::stride[1]]
+        x = _Subsample.apply(x, tuple(stride))
     rows = x.permute(0, 2, 3, 1)                   # contiguous when x is NHWC and unstrided
     y = F.linear(rows, weight.reshape(weight.shape[0], weight.shape[1]), bias)
     return y.permute(0, 3, 1, 2)                   # NHWC memory, NCHW shape
@@ -74,9 +74,41 @@ def _im2col(x, weight, bias, stride, pad, out):
     """Caffe's convolution: im2col, then one matrix product with the [Cout, C*kh*kw]
     weight, giving NHWC rows; autograd's gradients are GEMMs and col2im (F.fold)."""
     n, cout = x.shape[0], weight.shape[0]
-    cols = F.unfold(x, weight.shape[2:], padding=pad, stride=stride)     # [N, C*kh*kw, L]
+    cols = F.unfold(_ChannelsLastGrad.apply(x), weight.shape[2:], padding=pad, stride=stride)     # [N, C*kh*kw, L]
     y = F.linear(cols.transpose(1, 2), weight.reshape(cout, -1), bias)   # [N, L, Cout]
     return y.reshape(n, out[0], out[1], cout).permute(0, 3, 1, 2)
+
+
+class _Subsample(torch.autograd.Function):
+    """x[:, :, ::sh, ::sw], whose gradient is channels-last like x: autograd's slice
+    backward scatters into a zeroed NCHW tensor, and one NCHW gradient makes every
+    element-wise backward after it (ReLU, the residual sums) mix layouts, several
+    times slower than on matching ones."""
+
+    @staticmethod
+    def forward(ctx, x, stride):
+        ctx.geometry = (x.shape, stride)
+        return x[:, :, ::stride[0], ::stride[1]]
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, stride = ctx.geometry
+        out = grad.new_zeros(shape).contiguous(memory_format=torch.channels_last)
+        out[:, :, ::stride[0], ::stride[1]] = grad
+        return out, None
+
+
+class _ChannelsLastGrad(torch.autograd.Function):
+    """The identity, whose backward hands on a channels-last gradient (F.unfold's
+    backward, col2im, writes NCHW; see _Subsample for why that matters)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous(memory_format=torch.channels_last)
 
 
 class _GemmWeightGradConv(torch.autograd.Function):

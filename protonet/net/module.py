@@ -380,14 +380,14 @@ class NetModule(nn.Module):
 
     # -- running ----------------------------------------------------------------
     def _find_batchnorm_scale_pairs(self) -> dict[int, int]:
-        """{step of a BatchNorm on stored statistics: step of the per-channel Scale right
-        after it, in place on its top}. The pair runs as one batch-norm pass with the
-        Scale as its affine part; their shared blob only ever shows Scale's output."""
+        """{step of a BatchNorm: step of the per-channel Scale right after it, in place
+        on its top}. The pair runs as one batch-norm pass with the Scale as its affine
+        part; their shared blob only ever shows Scale's output."""
         pairs = {}
         for i in range(len(self.steps) - 1):
             bn_step, scale_step = self.steps[i], self.steps[i + 1]
             bn, scale = self.layers[bn_step.layer], self.layers[scale_step.layer]
-            if bn.type != "BatchNorm" or not bn.use_global_stats or scale.type != "Scale":
+            if bn.type != "BatchNorm" or scale.type != "Scale":
                 continue
             if scale_step.bottoms == bn_step.tops and scale_step.tops == bn_step.tops and \
                     not bn_step.losses and not scale_step.losses and \

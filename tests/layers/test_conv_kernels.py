@@ -160,3 +160,16 @@ def test_channels_last_module_matches_nchw_blobs_and_gradients():
                           rtol=1e-5, atol=1e-6)
     for got, want in zip(nhwc_grads, grads):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("k,stride,pad,size", [(1, 2, 0, 8), (3, 1, 1, 7), (3, 2, 1, 9)])
+def test_bottom_gradient_stays_channels_last(k, stride, pad, size):
+    """A strided 1x1 and an im2col convolution hand back an NHWC bottom gradient, as
+    oneDNN's do: one NCHW gradient makes every element-wise backward below it mix
+    layouts (several times slower)."""
+    x, w, b = _case(1, 8, 6, size, k, dtype=torch.float32)
+    y = conv_kernels.conv2d(x, w, b, (stride, stride), (pad, pad), (1, 1), 1)
+    grad_x, = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert grad_x.is_contiguous(memory_format=CL) and not grad_x.is_contiguous()
+    expected, = torch.autograd.grad(F.conv2d(x, w, b, stride, pad), x, torch.ones_like(y))
+    torch.testing.assert_close(grad_x, expected)

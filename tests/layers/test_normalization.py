@@ -424,3 +424,34 @@ def test_per_channel_scale_path_matches_multiply_add(shape, bias, layout):
     inputs = [x, s] + ([b] if bias else [])
     for g, e in zip(torch.autograd.grad(got, inputs, dy), torch.autograd.grad(expected, inputs, dy)):
         assert torch.allclose(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_train_batchnorm_scale_pair_runs_fused_with_the_same_numbers():
+    """An in-place TRAIN BatchNorm + Scale pair runs as one batch-norm kernel (NetModule
+    fuses it unless a callback must see each layer): same top, gradients and running
+    sums as the two layers one after the other."""
+    from protonet.net.module import NetModule
+    text = ('force_backward: true\nlayer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 '
+            'dim: 4 dim: 5 } } }\n'
+            + BN.format(top="x", params="")
+            + 'layer { name: "S" type: "Scale" bottom: "x" top: "x" scale_param { '
+              'bias_term: true filler { type: "gaussian" } bias_filler { type: "gaussian" } } }\n'
+            + 'layer { name: "R" type: "ReLU" bottom: "x" top: "x" }\n')
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        module = NetModule(parse_text(text, caffe_pb2.NetParameter()), protonet.TRAIN)
+        assert module.fused_scale
+        x = torch.from_numpy(randn(2, 3, 4, 5) if not results else results[0][0])
+        x = x.clone().requires_grad_()
+        values, _ = module({"x": x}, after=None if fused else (lambda i, v: None))
+        top = values[module.blob_index["x"]]
+        top.backward(torch.linspace(-1, 1, top.numel()).reshape(top.shape))
+        results.append((x.detach().numpy(), top.detach(), x.grad,
+                        [p.grad for p in module.layers[2].blobs],
+                        [b.detach().clone() for b in module.layers[1].blobs]))
+    (_, *fused), (_, *single) = results
+    for got, want in zip(fused[:2], single[:2]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(fused[2] + fused[3], single[2] + single[3]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
