@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import weakref
 from collections import OrderedDict
 from typing import Iterable, Sequence
 
@@ -36,6 +37,39 @@ def _view(tensor: torch.Tensor | None) -> np.ndarray:
     if tensor.device.type != "cpu":
         return tensor.cpu().numpy()      # a copy; Nets off the CPU show hostsync buffers
     return tensor.numpy()
+
+
+# Writable numpy views handed out of params (ParamBlob.data), by id(param): [serial of
+# the latest, weak references to the tensors numpy keeps alive under them]. A write
+# through such a view bumps no torch version counter, so this is how Net.forward knows
+# that weights its cached inference plan folded and packed may have changed, across
+# nets that share the param. A serial per param, from one global counter.
+_param_views: dict[int, list] = {}
+_view_serial = itertools.count(1)
+
+
+def _param_view(leaf: torch.Tensor) -> np.ndarray:
+    """`_view` of a param, noted in `_param_views` (the script may write into it)."""
+    array = _view(leaf)
+    entry = _param_views.setdefault(id(leaf), [0, []])
+    entry[0] = next(_view_serial)
+    owner = array.base          # what every view derived from this one keeps alive
+    if isinstance(owner, torch.Tensor):
+        entry[1] = [ref for ref in entry[1] if ref() is not None] + [weakref.ref(owner)]
+    return array
+
+
+def _view_state(leaf: torch.Tensor) -> int | None:
+    """The serial of the param's latest view handed out (0: none), or None while a
+    view of it may still be written (one is alive)."""
+    entry = _param_views.get(id(leaf))
+    if entry is None:
+        return 0
+    if entry[1]:
+        entry[1] = [ref for ref in entry[1] if ref() is not None]
+        if entry[1]:
+            return None
+    return entry[0]
 
 
 class Blob:
@@ -132,7 +166,7 @@ class ParamBlob:
     def data(self) -> np.ndarray:
         if self._synced:
             return hostsync.param_copy(self._leaf, diff=False).show().reshape(self.shape)
-        return _view(self._leaf).reshape(self.shape)
+        return _param_view(self._leaf).reshape(self.shape)
 
     @data.setter
     def data(self, value) -> None:
@@ -290,6 +324,16 @@ class Net:
                              for pos, weight in step.losses}
         self._blobs = OrderedDict((n, Blob(self, i)) for i, n in enumerate(module.blob_names))
         self._layers = [LayerView(layer, self._synced) for layer in module.layers]
+        # The cached inference plan (NetModule.forward_for_inference) may run a whole-net
+        # forward only for what it reproduces: a TEST net on the CPU whose forward no
+        # backward needs, with no Python layer and no param in another's shape.
+        self._plannable = module.phase == TEST and not self._synced and \
+            not any(module.layer_need_backward) and not any(
+                layer.type == "Python" or parametrize.is_parametrized(layer.blobs)
+                for layer in module.layers)
+        self._param_lists = [layer.blobs._parameters for layer in module.layers]
+        self._plan_token: tuple | None = None    # what the last whole-net forward saw
+        self._plan_runs = 0                      # whole-net forwards the plan ran
         for i in self.module.input_ids:
             self._set_blob(i, torch.zeros(self.module.blob_shapes[i], device=self.device))
 
@@ -396,11 +440,61 @@ class Net:
         first = self._layer_index(start) if start is not None else 0
         last = self._layer_index(end) if end is not None else len(self.module.layers) - 1
         self._reshape(first, last, only_if_changed=True)   # Caffe's layers reshape in Forward
-        self._forward(first, last)
+        if start is None and end is None and self._plan_ready():
+            self._forward_planned()
+        else:
+            self._forward(first, last)
         names = list(self.outputs) if end is None else \
             [self.module.blob_names[t] for t in self.module.steps[last].tops]
         names += [b for b in (blobs or []) if b not in names]
         return {n: self.blobs[n].data for n in names}
+
+    def _plan_ready(self) -> bool:
+        """Whether this whole-net forward may run the cached inference plan: the net is
+        plannable (see _attach), no forward callback or autocast is on, every param is
+        float32 and no view of one handed out may still be written, and nothing it
+        depends on (params: identity, torch version, views handed out; input shapes;
+        layout) changed since the previous whole-net forward. Otherwise the plan, which
+        snapshots weights, is dropped and the net runs layer by layer; so the plan is
+        made on the second of two forwards with nothing changed between them (a build
+        costs about two exact forwards), and a script that edits weights before every
+        forward never pays for one."""
+        token = self._current_plan_token()
+        ready = token is not None and token == self._plan_token
+        self._plan_token = token
+        if not ready:
+            self.module.drop_inference_plan()
+        return ready
+
+    def _current_plan_token(self) -> tuple | None:
+        if not self._plannable or self._callbacks["before_forward"] or \
+                self._callbacks["after_forward"] or \
+                torch.is_autocast_enabled(self.device.type):
+            return None
+        module = self.module
+        token: list = [module.channels_last]
+        token += [module.blob_shapes[i] for i in module.input_ids]
+        for params in self._param_lists:
+            for p in params.values():
+                viewed = _view_state(p)
+                if viewed is None or p.dtype != torch.float32:
+                    return None
+                token.append((id(p), p._version, viewed))
+        return tuple(token)
+
+    def _forward_planned(self) -> None:
+        """The whole net by the module's cached inference plan (forward_for_inference):
+        every blob as _forward leaves it, to float32 rounding, copied into the buffers
+        whose views a script holds as _forward's are."""
+        module = self.module
+        inputs = {module.blob_names[i]: self._value(i) for i in module.input_ids}
+        values, _ = module.forward_for_inference(inputs)
+        self._segments.clear()
+        given = set(module.input_ids)
+        for t, value in enumerate(values):
+            if value is not None and t not in given:
+                self._store(t, value)
+        self._plan_runs += 1
 
     def _forward(self, first: int, last: int) -> None:
         """Caffe's ForwardFromTo: layers first..last, tops kept in the blobs."""

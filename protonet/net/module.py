@@ -524,6 +524,12 @@ class NetModule(nn.Module):
             self._blob_plan, self._blob_plan_key = plan, key
         return plan.forward_blobs(inputs or {})
 
+    def drop_inference_plan(self) -> None:
+        """Forget forward_for_inference's cached plan (and the weights it holds): for
+        changes to the params its own check cannot see, such as numpy writes through
+        pycaffe's param views, which bump no torch version counter."""
+        self._blob_plan = None
+
     def infer_shapes(self, input_shapes: Mapping[str, Sequence[int]], first: int = 0,
                      last: int | None = None) -> None:
         """Re-run shape inference for new input shapes (pycaffe's net.reshape()), over

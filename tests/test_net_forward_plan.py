@@ -1,0 +1,219 @@
+"""pycaffe's Net.forward() over the whole net runs the cached inference plan
+(NetModule.forward_for_inference) where that gives what the layer-by-layer forward
+gives: every blob within float32 rounding, weights as the script last wrote them
+(numpy writes through param views included), and the exact path everywhere else."""
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import protonet
+from protonet.proto import caffe_pb2
+from protonet.pycaffe import Net
+from test_inference_blobs import LOSS_NET
+from test_speed_paths import CONV_BN_NET, module
+
+TEXT = CONV_BN_NET       # conv/BatchNorm/Scale/ReLU, Eltwise, pooling, inner products
+
+
+def make_net(text: str = TEXT, seed: int = 0, phase=caffe_pb2.TEST) -> Net:
+    net = Net.from_module(module(text, phase=phase, seed=seed))
+    net.blobs["data"].data[...] = np.random.RandomState(seed).randn(
+        *net.blobs["data"].shape)
+    return net
+
+
+def exact(net: Net) -> dict[str, np.ndarray]:
+    """Every blob of a whole-net forward run layer by layer (a forward callback keeps
+    the plan out) on a twin net with `net`'s weights and inputs."""
+    twin = make_net(TEXT, seed=99)
+    twin.after_forward(lambda index: None)
+    with torch.no_grad():    # (not through net.params: a view handed out drops its plan)
+        for mine, theirs in zip(twin.module.layers, net.module.layers):
+            for a, b in zip(mine.blobs, theirs.blobs):
+                a.copy_(b)
+    twin.blobs["data"].data[...] = net.blobs["data"].data
+    twin.forward()
+    assert twin._plan_runs == 0
+    return {name: blob.data.copy() for name, blob in twin.blobs.items()}
+
+
+def assert_blobs_match(net: Net, want: dict[str, np.ndarray]) -> None:
+    for name, blob in net.blobs.items():
+        got = blob.data
+        assert got.shape == want[name].shape, name
+        scale = max(float(np.abs(want[name]).max()), 1e-30)
+        assert float(np.abs(got - want[name]).max()) / scale < 1e-5, name
+
+
+def test_the_second_whole_forward_runs_the_plan_and_every_blob_matches():
+    net = make_net()
+    held = net.blobs["prob"].data              # a view taken before any forward
+    net.forward()
+    assert net._plan_runs == 0                 # the first runs layer by layer
+    first = {name: blob.data.copy() for name, blob in net.blobs.items()}
+    out = net.forward()
+    assert net._plan_runs == 1 and net.module._blob_plan is not None
+    assert_blobs_match(net, first)
+    assert_blobs_match(net, exact(net))
+    assert np.shares_memory(out["prob"], held)  # results land in the persistent buffer
+    np.testing.assert_array_equal(held, net.blobs["prob"].data)
+
+    plan = net.module._blob_plan               # new input values change nothing else
+    net.blobs["data"].data[...] = np.random.RandomState(5).randn(*net.blobs["data"].shape)
+    net.forward()
+    assert net._plan_runs == 2 and net.module._blob_plan is plan
+    assert_blobs_match(net, exact(net))
+    assert not np.allclose(held, first["prob"])
+
+
+def test_a_write_through_a_param_view_reaches_the_next_forward():
+    net = make_net()
+    net.forward()
+    net.forward()
+    plan = net.module._blob_plan
+    assert net._plan_runs == 1
+    net.params["conv1"][0].data[...] *= -2     # numpy: no torch version changes
+    net.params["bn1"][0].data[...] += 0.5      # a folded BatchNorm statistic
+    net.forward()
+    assert net._plan_runs == 1                  # right after a write: layer by layer
+    assert_blobs_match(net, exact(net))
+    net.forward()                               # then a plan made with the new weights
+    assert net._plan_runs == 2 and net.module._blob_plan is not plan
+    assert_blobs_match(net, exact(net))
+
+
+def test_a_held_param_view_keeps_the_net_off_the_plan():
+    net = make_net()
+    weight = net.params["conv1"][0].data[0]     # a view of a view, kept
+    for _ in range(3):
+        net.forward()
+    assert net._plan_runs == 0
+    weight[...] = 3.0                           # may happen between any two forwards
+    net.forward()
+    assert_blobs_match(net, exact(net))
+    del weight
+    net.forward()
+    net.forward()
+    assert net._plan_runs == 1
+    assert_blobs_match(net, exact(net))
+
+
+def test_copy_from_and_share_with_reach_the_plan(tmp_path):
+    net, other = make_net(), make_net(seed=3)
+    path = str(tmp_path / "other.caffemodel")
+    other.save(path)
+    net.forward()
+    net.forward()
+    assert net._plan_runs == 1
+    net.copy_from(path)
+    net.forward()
+    net.forward()
+    assert net._plan_runs == 2
+    assert_blobs_match(net, exact(net))
+    np.testing.assert_allclose(net.params["fc"][0].data, other.params["fc"][0].data)
+
+    third = make_net(seed=4)
+    net.share_with(third)
+    net.forward()
+    net.forward()
+    assert net._plan_runs == 3
+    assert_blobs_match(net, exact(net))
+    third.params["fcT"][0].data[...] = 0.25     # a write through the other net's view
+    third.params["fcT"][1].data[...] = np.arange(4)
+    net.forward()
+    assert_blobs_match(net, exact(net))
+    np.testing.assert_allclose(net.blobs["prob"].data,
+                               np.broadcast_to(np.exp(np.arange(4)) / np.exp(np.arange(4)).sum(),
+                                               (2, 4)), rtol=1e-5)
+
+
+def test_a_solver_step_reaches_a_deploy_net_sharing_its_weights(tmp_path):
+    train = tmp_path / "train.prototxt"
+    train.write_text("""
+layer { name: "data" type: "DummyData" top: "data" top: "label"
+  dummy_data_param { shape { dim: 4 dim: 3 } shape { dim: 4 }
+    data_filler { type: "gaussian" } data_filler { type: "constant" } } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+  inner_product_param { num_output: 2 weight_filler { type: "gaussian" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+""")
+    deploy = tmp_path / "deploy.prototxt"
+    deploy.write_text("""
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+  inner_product_param { num_output: 2 } }
+""")
+    solver_file = tmp_path / "solver.prototxt"
+    solver_file.write_text(f'net: "{train}" base_lr: 0.5 lr_policy: "fixed" max_iter: 5 '
+                           'display: 0 snapshot_after_train: false')
+    solver = protonet.SGDSolver(str(solver_file))
+    net = protonet.Net(str(deploy), protonet.TEST)
+    net.share_with(solver.net)
+    x = np.random.RandomState(0).randn(4, 3).astype(np.float32)
+    net.forward(data=x)
+    net.forward(data=x)
+    assert net._plan_runs == 1
+    for _ in range(2):
+        solver.step(1)
+        out = net.forward(data=x)["ip"]
+        weight, bias = (p.data for p in solver.net.params["ip"])
+        np.testing.assert_allclose(out, x @ weight.T + bias, rtol=1e-5, atol=1e-6)
+        del weight, bias
+
+
+def _python_layer_net(tmp_path, monkeypatch):
+    (tmp_path / "times_two_plan.py").write_text(textwrap.dedent("""
+        import protonet
+        class TimesTwo(protonet.Layer):
+            def setup(self, bottom, top): pass
+            def reshape(self, bottom, top): top[0].reshape(*bottom[0].data.shape)
+            def forward(self, bottom, top): top[0].data[...] = 2 * bottom[0].data
+            def backward(self, top, propagate_down, bottom): pass
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return make_net(TEXT + 'layer { name: "py" type: "Python" bottom: "prob" top: "py" '
+                    'python_param { module: "times_two_plan" layer: "TimesTwo" } }')
+
+
+def _forward_with(net: Net, case: str):
+    if case == "partial":
+        return net.forward(start="conv1")
+    if case == "up_to_the_last_layer":
+        return net.forward(end="prob")
+    if case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return net.forward()
+    if case == "input_shape_changes":
+        shape = net.blobs["data"].shape
+        net.blobs["data"].reshape(shape[0] % 3 + 1, *shape[1:])
+    return net.forward()
+
+
+CASES = ["plain", "partial", "up_to_the_last_layer", "callback", "train_phase",
+         "force_backward", "loss_with_learnable_params", "python_layer", "autocast",
+         "host_buffers", "held_param_view", "input_shape_changes"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_what_the_plan_cannot_reproduce_runs_layer_by_layer(case, tmp_path, monkeypatch):
+    if case == "host_buffers":
+        monkeypatch.setenv("PROTONET_PYCAFFE_SYNCED", "1")
+    text = {"force_backward": "force_backward: true\n" + TEXT,
+            "loss_with_learnable_params": LOSS_NET}.get(case, TEXT)
+    phase = caffe_pb2.TRAIN if case == "train_phase" else caffe_pb2.TEST
+    net = _python_layer_net(tmp_path, monkeypatch) if case == "python_layer" else \
+        make_net(text, phase=phase)
+    if case == "callback":
+        net.before_forward(lambda index: None)
+    held = net.params["fc"][0].data if case == "held_param_view" else None   # noqa: F841
+    for _ in range(3):
+        _forward_with(net, case)
+    if case == "plain":                   # the control: this harness sees the plan
+        assert net._plan_runs == 2
+    else:
+        assert net._plan_runs == 0
+        assert getattr(net.module, "_blob_plan", None) is None
