@@ -490,9 +490,8 @@ class Net:
         inputs = {module.blob_names[i]: self._value(i) for i in module.input_ids}
         values, _ = module.forward_for_inference(inputs)
         self._segments.clear()
-        given = set(module.input_ids)
-        for t, value in enumerate(values):
-            if value is not None and t not in given:
+        for t, value in enumerate(values):     # inputs too: a layer may work in place
+            if value is not None:              # on one, as _forward stores it
                 self._store(t, value)
         self._plan_runs += 1
 

@@ -70,6 +70,21 @@ def test_the_second_whole_forward_runs_the_plan_and_every_blob_matches():
     assert not np.allclose(held, first["prob"])
 
 
+def test_a_layer_in_place_on_the_input_blob_leaves_it_as_caffe_does():
+    text = TEXT.replace('layer { name: "conv1"', 'layer { name: "double" type: "Power" '
+                        'bottom: "data" top: "data" power_param { scale: 2 } }\n'
+                        'layer { name: "conv1"', 1)
+    net, twin = make_net(text), make_net(text)
+    twin.after_forward(lambda index: None)
+    x = net.blobs["data"].data.copy()
+    for _ in range(3):                  # each forward doubles the blob again (Caffe's way)
+        net.forward()
+        twin.forward()
+    assert net._plan_runs == 2 and twin._plan_runs == 0
+    np.testing.assert_allclose(net.blobs["data"].data, 8 * x, rtol=1e-6)
+    assert_blobs_match(net, {name: blob.data for name, blob in twin.blobs.items()})
+
+
 def test_a_write_through_a_param_view_reaches_the_next_forward():
     net = make_net()
     net.forward()
