@@ -1,7 +1,8 @@
 """Inference paths of one deploy net, A/B in one run: NetModule.forward (Caffe-exact,
 every blob), NetModule.forward_for_inference (the plan that keeps every blob), the
-outputs-only inference plan, and ONNX Runtime on the file `protonet export` writes
-(when onnxruntime is installed). Rounds interleave the paths; each figure is the
+outputs-only inference plan, pycaffe's Net.forward() (which runs forward_for_inference's
+plan where it may, docs/pycaffe.md) and the same held to its layer-by-layer path, and
+ONNX Runtime on the file `protonet export` writes (when onnxruntime is installed). Rounds interleave the paths; each figure is the
 median over rounds of a median of --iterations calls. Also checks that
 forward_for_inference's blobs match NetModule.forward's (max relative error).
 
@@ -25,6 +26,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import bench_nets  # noqa: E402
+import protonet  # noqa: E402
 from protonet.io.upgrade import read_net  # noqa: E402
 from protonet.net.module import NetModule  # noqa: E402
 from protonet.proto import caffe_pb2  # noqa: E402
@@ -62,6 +64,15 @@ def main(argv=None) -> int:
     paths = {"NetModule.forward": exact,
              "forward_for_inference": lambda: net.forward_for_inference(inputs),
              "inference plan (outputs)": lambda: plan(inputs)}
+    for name, plannable in (("Net.forward()", True), ("Net.forward() layer by layer", False)):
+        pynet = protonet.Net(args.model, protonet.TEST)
+        bench_nets.randomize(pynet.module)
+        for blob, tensor in inputs.items():
+            pynet.blobs[blob].data[...] = tensor.numpy()
+        pynet._plannable = plannable        # False: what Net.forward ran before the plan
+        pynet.forward()
+        pynet.forward()                     # the plan is built on the second
+        paths[name] = pynet.forward
     with tempfile.TemporaryDirectory() as tmp:
         try:
             import onnxruntime as ort
@@ -83,7 +94,7 @@ def main(argv=None) -> int:
                                              warmup=1))
     for name, values in times.items():
         values.sort()
-        print(f"  {name:<26} {values[len(values) // 2]:8.1f} ms   rounds "
+        print(f"  {name:<30} {values[len(values) // 2]:8.1f} ms   rounds "
               + " ".join(f"{v:.1f}" for v in values))
     return 0
 
