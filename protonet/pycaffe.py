@@ -467,6 +467,7 @@ class Net:
         return ready
 
     def _current_plan_token(self) -> tuple | None:
+        """What the plan depends on, as it is now; None when the plan may not run."""
         if not self._plannable or self._callbacks["before_forward"] or \
                 self._callbacks["after_forward"] or \
                 torch.is_autocast_enabled(self.device.type):
