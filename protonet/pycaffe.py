@@ -258,6 +258,10 @@ def _unique(tensors: list) -> list:
     return list({id(t): t for t in tensors}.values())
 
 
+# Forwards a cached inference plan must run to repay its build (Net._plan_ready).
+PLAN_PAYS_AFTER = 4
+
+
 class Net:
     """A Caffe net for scripts: `Net(prototxt, phase)` or `Net(prototxt, weights, phase)`.
 
@@ -333,6 +337,9 @@ class Net:
                 for layer in module.layers)
         self._param_lists = [layer.blobs._parameters for layer in module.layers]
         self._plan_token: tuple | None = None    # what the last whole-net forward saw
+        self._plan_stable = 0       # whole-net forwards in a row that saw that token
+        self._plan_wait = 2         # how many it takes before a plan is built
+        self._plan_built: int | None = None      # _plan_runs when the plan was built
         self._plan_runs = 0                      # whole-net forwards the plan ran
         for i in self.module.input_ids:
             self._set_blob(i, torch.zeros(self.module.blob_shapes[i], device=self.device))
@@ -452,18 +459,30 @@ class Net:
     def _plan_ready(self) -> bool:
         """Whether this whole-net forward may run the cached inference plan: the net is
         plannable (see _attach), no forward callback or autocast is on, every param is
-        float32 and no view of one handed out may still be written, and nothing it
+        float32 and no view of one handed out may still be written, and nothing the plan
         depends on (params: identity, torch version, views handed out; input shapes;
-        layout) changed since the previous whole-net forward. Otherwise the plan, which
-        snapshots weights, is dropped and the net runs layer by layer; so the plan is
-        made on the second of two forwards with nothing changed between them (a build
-        costs about two exact forwards), and a script that edits weights before every
-        forward never pays for one."""
+        layout) changed for the last `_plan_wait` whole-net forwards, this one included.
+
+        Any change drops the plan, which snapshots weights; the next forwards run layer
+        by layer until the net has been stable that long. Building a plan costs about
+        two exact forwards (ResNet-50) and each forward it runs saves under half of one,
+        so it starts at 2 (one forward, or edits before every forward, never pay for a
+        build) and doubles, up to 64, each time a plan is dropped before it ran
+        PLAN_PAYS_AFTER forwards (a server whose batch size keeps changing)."""
         token = self._current_plan_token()
-        ready = token is not None and token == self._plan_token
-        self._plan_token = token
-        if not ready:
+        if token is not None and token == self._plan_token:
+            self._plan_stable += 1
+        else:
+            if self._plan_built is not None:
+                paid = self._plan_runs - self._plan_built >= PLAN_PAYS_AFTER
+                self._plan_wait = 2 if paid else min(2 * self._plan_wait, 64)
+                self._plan_built = None
             self.module.drop_inference_plan()
+            self._plan_stable = 1
+        self._plan_token = token
+        ready = token is not None and self._plan_stable >= self._plan_wait
+        if ready and self._plan_built is None:
+            self._plan_built = self._plan_runs
         return ready
 
     def _current_plan_token(self) -> tuple | None:

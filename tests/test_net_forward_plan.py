@@ -12,7 +12,7 @@ import torch
 
 import protonet
 from protonet.proto import caffe_pb2
-from protonet.pycaffe import Net
+from protonet.pycaffe import PLAN_PAYS_AFTER, Net
 from test_inference_blobs import LOSS_NET
 from test_speed_paths import CONV_BN_NET, module
 
@@ -47,6 +47,15 @@ def assert_blobs_match(net: Net, want: dict[str, np.ndarray]) -> None:
         assert got.shape == want[name].shape, name
         scale = max(float(np.abs(want[name]).max()), 1e-30)
         assert float(np.abs(got - want[name]).max()) / scale < 1e-5, name
+
+
+def warm(net: Net) -> None:
+    """Forwards until the net's plan has run long enough to pay for itself (a plan
+    dropped sooner makes the net wait longer before building the next)."""
+    runs = net._plan_runs
+    for _ in range(1 + PLAN_PAYS_AFTER):
+        net.forward()
+    assert net._plan_runs - runs == PLAN_PAYS_AFTER
 
 
 def test_the_second_whole_forward_runs_the_plan_and_every_blob_matches():
@@ -87,17 +96,15 @@ def test_a_layer_in_place_on_the_input_blob_leaves_it_as_caffe_does():
 
 def test_a_write_through_a_param_view_reaches_the_next_forward():
     net = make_net()
-    net.forward()
-    net.forward()
-    plan = net.module._blob_plan
-    assert net._plan_runs == 1
+    warm(net)
+    plan, runs = net.module._blob_plan, net._plan_runs
     net.params["conv1"][0].data[...] *= -2     # numpy: no torch version changes
     net.params["bn1"][0].data[...] += 0.5      # a folded BatchNorm statistic
     net.forward()
-    assert net._plan_runs == 1                  # right after a write: layer by layer
+    assert net._plan_runs == runs               # right after a write: layer by layer
     assert_blobs_match(net, exact(net))
     net.forward()                               # then a plan made with the new weights
-    assert net._plan_runs == 2 and net.module._blob_plan is not plan
+    assert net._plan_runs == runs + 1 and net.module._blob_plan is not plan
     assert_blobs_match(net, exact(net))
 
 
@@ -121,21 +128,15 @@ def test_copy_from_and_share_with_reach_the_plan(tmp_path):
     net, other = make_net(), make_net(seed=3)
     path = str(tmp_path / "other.caffemodel")
     other.save(path)
-    net.forward()
-    net.forward()
-    assert net._plan_runs == 1
+    warm(net)
     net.copy_from(path)
-    net.forward()
-    net.forward()
-    assert net._plan_runs == 2
+    warm(net)
     assert_blobs_match(net, exact(net))
     np.testing.assert_allclose(net.params["fc"][0].data, other.params["fc"][0].data)
 
     third = make_net(seed=4)
     net.share_with(third)
-    net.forward()
-    net.forward()
-    assert net._plan_runs == 3
+    warm(net)
     assert_blobs_match(net, exact(net))
     third.params["fcT"][0].data[...] = 0.25     # a write through the other net's view
     third.params["fcT"][1].data[...] = np.arange(4)
@@ -169,15 +170,40 @@ layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
     net = protonet.Net(str(deploy), protonet.TEST)
     net.share_with(solver.net)
     x = np.random.RandomState(0).randn(4, 3).astype(np.float32)
-    net.forward(data=x)
-    net.forward(data=x)
-    assert net._plan_runs == 1
-    for _ in range(2):
+    for _ in range(1 + PLAN_PAYS_AFTER):
+        net.forward(data=x)
+    assert net._plan_runs == PLAN_PAYS_AFTER
+    for _ in range(3):
         solver.step(1)
         out = net.forward(data=x)["ip"]
+        out = net.forward(data=x)["ip"]         # the second builds a plan
         weight, bias = (p.data for p in solver.net.params["ip"])
         np.testing.assert_allclose(out, x @ weight.T + bias, rtol=1e-5, atol=1e-6)
         del weight, bias
+
+
+def test_a_net_whose_plans_do_not_pay_waits_longer_before_building_one():
+    """Input shapes that keep changing (a server's batch sizes) would rebuild the plan
+    every other forward; a plan dropped before it paid for itself doubles the wait, and
+    one that paid sets it back."""
+    net = make_net()
+    plans = []
+    for i in range(48):
+        if i % 2 == 0:
+            net.blobs["data"].reshape((i // 2) % 2 + 1, 3, 17, 15)
+        net.forward()
+        if net.module._blob_plan is not None and net.module._blob_plan not in plans:
+            plans.append(net.module._blob_plan)
+    assert len(plans) == 1 and net._plan_runs == 1 and net._plan_wait == 4
+    assert_blobs_match(net, exact(net))
+    for _ in range(net._plan_wait + PLAN_PAYS_AFTER):   # stable long enough: it pays
+        net.forward()
+    runs = net._plan_runs
+    assert net.module._blob_plan is not None and runs > PLAN_PAYS_AFTER
+    net.blobs["data"].reshape(3, 3, 17, 15)      # a shape it has not had
+    net.forward()
+    net.forward()
+    assert net._plan_wait == 2 and net._plan_runs == runs + 1
 
 
 def _python_layer_net(tmp_path, monkeypatch):

@@ -189,8 +189,12 @@ def test_answers_equal_a_single_image_classify_run(tiny, tiny_server):
            predict(tiny_server, images[0], "?k=6&oversample=1")[1]]
     for answer, want in zip(got, expected):
         assert answer["model"] == "deploy.prototxt"
-        # One image in its batch: the same forward as classify's, bit for bit.
-        assert [(t["index"], t["score"], t["label"]) for t in answer["top"]] == want
+        # One image in its batch: the same forward as classify's; to float32 rounding,
+        # as Net.forward runs the inference plan once the server's net is warm.
+        assert [(t["index"], t["label"]) for t in answer["top"]] == \
+            [(i, label) for i, _, label in want]
+        np.testing.assert_allclose([t["score"] for t in answer["top"]],
+                                   [score for _, score, _ in want], rtol=1e-5, atol=1e-7)
     status, answer = predict(tiny_server, images[0], "?k=2")
     assert status == 200 and len(answer["top"]) == 2
 
@@ -286,8 +290,10 @@ def test_bad_requests_get_json_4xx_and_the_server_goes_on(tiny, tiny_server, cas
     assert got[0] == status and isinstance(got[1], dict), got
     assert message in got[1]["error"], got
     ok, answer = predict(url, images[3], "?k=6")
-    assert ok == 200 and by_index(answer["top"]) == {i: s for i, s, _ in
-                                                     alone(model, images[3:4])[0]}
+    want = alone(model, images[3:4])[0]
+    assert ok == 200 and [t["index"] for t in answer["top"]] == [i for i, _, _ in want]
+    np.testing.assert_allclose([t["score"] for t in answer["top"]],
+                               [s for _, s, _ in want], rtol=1e-5, atol=1e-7)
 
 
 def test_an_oversized_body_is_refused_before_it_is_read(tiny_server):
@@ -506,8 +512,13 @@ print(json.dumps([[f.width, f.height, [[d.label, d.name, d.score, d.box]
     for (status, answer), (width, height, want) in zip(answers, wants):
         assert status == 200 and "top" not in answer
         assert (answer["width"], answer["height"]) == (width, height)
-        assert [[d["index"], d["label"], d["score"], d["box"]] for d in answer["detections"]] \
-            == want
+        # The same forward as detect's, to float32 rounding (Net.forward runs the
+        # inference plan once the server's net is warm).
+        assert [[d["index"], d["label"]] for d in answer["detections"]] == \
+            [w[:2] for w in want]
+        for d, w in zip(answer["detections"], want):
+            np.testing.assert_allclose([d["score"]] + d["box"], [w[2]] + w[3],
+                                       rtol=1e-5, atol=1e-5)
         found += len(want)
     assert found > 0                                # the comparison compared boxes
     want_low = wants[3][2]
