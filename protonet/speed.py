@@ -276,6 +276,16 @@ class _Planner:
             affine, used = self._affine_at(i + 1, step.tops, after=True) if \
                 layer.type == "Convolution" and layer.axis == 1 else (None, 0)
             tops = self.steps[i + used].tops
+            joined = self._sum_joining(i + 1 + used, tops[0]) if \
+                layer.type == "Convolution" else None
+            if joined is not None:
+                other, sum_step = joined
+                relu = self._is_relu_on(sum_step + 1, self.steps[sum_step].tops)
+                run = self._weighted(layer, step.bottoms[0], affine, relu, add=True)
+                if run is not None:
+                    return _Op(run, (step.bottoms[0], other),
+                               self.steps[sum_step + relu].tops, name, "Convolution"), \
+                        sum_step + 1 + relu - i
             relu = self._is_relu_on(i + 1 + used, tops)
             if relu:
                 tops = self.steps[i + 1 + used].tops
@@ -299,6 +309,36 @@ class _Planner:
         return layer.type == "Eltwise" and \
             layer.operation == caffe_pb2.EltwiseParameter.SUM and \
             all(c == 1 for c in layer.coeffs)
+
+    def _sum_joining(self, i: int, blob: int) -> tuple[int, int] | None:
+        """(the other bottom, step index) when step i is a plain two-bottom Eltwise SUM
+        reading `blob` and nothing else reads `blob` nor is it a net output: a
+        convolution making `blob` can add the other bottom in its own kernel (ResNet's
+        shortcut joins). Only where blobs need not be kept (the intermediate is gone)."""
+        if self.exact or not self.pack or i >= len(self.steps):
+            return None
+        step = self.steps[i]
+        layer = self.module.layers[step.layer]
+        if not self._is_plain_sum(layer) or len(step.bottoms) != 2 or \
+                step.bottoms.count(blob) != 1 or blob in self.module.output_ids:
+            return None
+        readers = sum(b == blob for s in self.steps for b in s.bottoms)
+        if readers != self._reads_until(i, blob):
+            return None
+        other = step.bottoms[1] if step.bottoms[0] == blob else step.bottoms[0]
+        if self.module.blob_shapes[other] != self.module.blob_shapes[blob]:
+            return None
+        return other, i
+
+    def _reads_until(self, i: int, blob: int) -> int:
+        """How many times steps up to i read `blob` from its making convolution on: the
+        folded BatchNorm/Scale in place on it, and the Eltwise at i."""
+        count = 0
+        for k in range(i, -1, -1):
+            count += sum(b == blob for b in self.steps[k].bottoms)
+            if blob in self.steps[k].tops and blob not in self.steps[k].bottoms:
+                break
+        return count
 
     def _is_relu_on(self, i: int, blobs: tuple[int, ...]) -> bool:
         if i >= len(self.steps):
@@ -340,8 +380,11 @@ class _Planner:
                 return (scale, shift), 2
         return (scale, shift), 1
 
-    def _weighted(self, layer, bottom: int, affine, relu: bool) -> Callable:
-        """Convolution/InnerProduct with folded, cast (and on CPU, prepacked) weights."""
+    def _weighted(self, layer, bottom: int, affine, relu: bool,
+                  add: bool = False) -> Callable | None:
+        """Convolution/InnerProduct with folded, cast (and on CPU, prepacked) weights.
+        `add`: a 2-D convolution taking a second tensor to add to its output (before
+        the ReLU) in the same kernel; None where it cannot."""
         weight = layer.blobs[0].detach().contiguous()
         bias = layer.blobs[1].detach() if layer.bias_term else None
         if affine is not None:
@@ -359,7 +402,9 @@ class _Planner:
             return _linear(layer, weight, bias, relu, self.dtype, self.pack)
         if layer.type == "Convolution" and layer.geometry.n == 2 and len(shape) == 4:
             return _conv2d(layer, weight, bias, relu, self.dtype, self.pack, shape,
-                           self.channels_last)
+                           self.channels_last, add)
+        if add:
+            return None
         activation = torch.relu if relu else _identity
 
         def run(x):
@@ -421,9 +466,12 @@ def warn_if_emulated(dtype: torch.dtype) -> None:
 
 
 def _conv2d(layer, weight, bias, relu: bool, dtype, pack: bool, shape,
-            channels_last: bool) -> Callable:
+            channels_last: bool, add: bool = False) -> Callable | None:
     """A 2-D convolution; on CPU with oneDNN, its weight reordered once into the blocked
-    layout oneDNN wants (not on every call) and ReLU fused into the same kernel."""
+    layout oneDNN wants (not on every call) and ReLU fused into the same kernel.
+    `add`: run(x, other) adds `other` to the output in the kernel too (oneDNN's binary
+    post-op, before the ReLU: one pass over the sum instead of three); None
+    without packed fp32 weights."""
     g = layer.geometry
     pad, stride, dilation = list(g.pad), list(g.stride), list(g.dilation)
     # A 1-channel bottom (LeNet's data) reads as NCHW, and so would the top.
@@ -434,6 +482,16 @@ def _conv2d(layer, weight, bias, relu: bool, dtype, pack: bool, shape,
                 weight.to_mkldnn(), pad, stride, dilation, layer.group, list(shape))
         except RuntimeError:
             pack = False
+    if add and (not pack or dtype != torch.float32):    # torch's bf16/fp16 fallback
+        return None                                     # has no add + ReLU
+    if add:
+        join = torch.ops.mkldnn._convolution_pointwise.binary
+        unary = "relu" if relu else None
+
+        def run_add(x, other):
+            return _layout(join(x.to(dtype), _layout(other.to(dtype)), packed, bias, pad,
+                                stride, dilation, layer.group, "add", 1.0, unary, [], ""))
+        return run_add
     if pack:
         attr = "relu" if relu else "none"
         convolve = torch.ops.mkldnn._convolution_pointwise

@@ -6,6 +6,7 @@ mean indexing, mirror, window warping); records are written to small LMDBs here.
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 import textwrap
@@ -585,3 +586,26 @@ def test_a_relative_database_path_closes_after_a_chdir(tmp_path, monkeypatch):
     cursor.close()                      # raised KeyError when it re-resolved "db" here
     monkeypatch.chdir(tmp_path)
     RecordCursor("db").close()          # and the handle is gone: a fresh open works
+
+
+def test_raw_records_never_load_opencv_and_encoded_ones_do(tmp_path):
+    """OpenCV (~12 MB resident, 18 ms to import) loads on the first encoded image, so
+    a net on raw Datums (MNIST's LMDBs) trains without it."""
+    raw, _ = raw_records(tmp_path / "raw")
+    ok, png = cv2.imencode(".png", hwc(image()))
+    encoded = write_lmdb(tmp_path / "png", [encoded_datum(png.tobytes(), 0).SerializeToString()] * 2)
+    script = textwrap.dedent('''
+        import sys
+        import protonet
+        from protonet.io.text import parse_text
+        text = ('layer { name: "d" type: "Data" top: "data" top: "label" data_param { '
+                'source: "%s" batch_size: 2 backend: LMDB } }' % sys.argv[1])
+        net = protonet.Net(parse_text(text, protonet.caffe_pb2.NetParameter()), protonet.TEST)
+        net.forward()
+        print("cv2" in sys.modules, float(net.blobs["data"].data.sum()) > 0)
+    ''')
+    for source, loads in ((raw, "False"), (encoded, "True")):
+        done = subprocess.run([sys.executable, "-c", script, source], capture_output=True,
+                              text=True, timeout=120, cwd=str(tmp_path),
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        assert done.stdout.split() == [loads, "True"], done.stderr[-2000:]

@@ -19,6 +19,7 @@ from protonet.io.upgrade import read_net
 from protonet.layers import lrn, pooling
 from protonet.net.module import NetModule
 from protonet.proto import caffe_pb2
+from protonet import speed
 from protonet.speed import InferenceNet, autocast, keep_freed_memory
 from protonet.timing import TimingOptions, random_inputs, time_net
 
@@ -245,11 +246,35 @@ def test_plan_folds_batchnorm_and_scale_into_convolution():
     net = module(CONV_BN_NET)
     plan = InferenceNet(net)
     names = [op.name for op in plan.ops]
-    # conv1+bn1+sc1+relu1 -> conv1, the split -> aliases, conv2+bn2 -> conv2,
-    # sum+relu2 -> sum, bn3+sc3 -> an affine map, fc+fcrelu -> fc
-    assert names == ["conv1", "conv2", "sum", "bn3", "pool", "fc", "fcT", "prob"]
+    # conv1+bn1+sc1+relu1 -> conv1, the split -> aliases, conv2+bn2 -> conv2, and with
+    # oneDNN's packed kernels sum+relu2 join it (else -> sum), bn3+sc3 -> an affine
+    # map, fc+fcrelu -> fc
+    joined = speed._mkldnn_ops_available()
+    assert names == ["conv1", "conv2"] + ["sum"] * (not joined) + \
+        ["bn3", "pool", "fc", "fcT", "prob"]
+    assert "sum" in [op.name for op in InferenceNet(net, keep_blobs=True).ops]
     unfolded = InferenceNet(net, fold=False)
     assert len(unfolded.ops) > len(plan.ops)
+
+
+@pytest.mark.skipif(not speed._mkldnn_ops_available(), reason="needs oneDNN's kernels")
+def test_plan_joins_a_sum_into_the_convolution_only_when_nothing_else_reads_its_top():
+    shortcut = input_layer((2, 4, 9, 9)) + """
+layer { name: "c" type: "Convolution" bottom: "data" top: "c"
+  convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
+layer { name: "sum" type: "Eltwise" bottom: "data" bottom: "c" top: "sum" }
+layer { name: "relu" type: "ReLU" bottom: "sum" top: "sum" }
+"""
+    net = module(shortcut)
+    inputs = random_inputs(net, "cpu")
+    plan = InferenceNet(net)
+    assert [(op.name, len(op.bottoms)) for op in plan.ops] == [("c", 2)]
+    got, = plan(inputs).values()
+    assert relative_error(got, run_plain(net, inputs)["sum"]) < 1e-6
+    # a second reader of "c" needs its value, so the sum stays its own op
+    read_twice = module(shortcut + 'layer { name: "p" type: "Pooling" bottom: "c" top: "p" '
+                        'pooling_param { pool: MAX kernel_size: 1 } }\n')
+    assert [op.name for op in InferenceNet(read_twice).ops] == ["c", "sum", "p"]
 
 
 def test_plan_leaves_the_module_and_its_weights_alone():

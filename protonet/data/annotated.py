@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 
-import cv2
 import numpy as np
 import torch
 
@@ -40,9 +39,10 @@ from .transformer import Batch, DataTransformer
 from .. import rng
 
 RESIZE = caffe_pb2.ResizeParameter
-INTERPOLATION = {RESIZE.LINEAR: cv2.INTER_LINEAR, RESIZE.AREA: cv2.INTER_AREA,
-                 RESIZE.NEAREST: cv2.INTER_NEAREST, RESIZE.CUBIC: cv2.INTER_CUBIC,
-                 RESIZE.LANCZOS4: cv2.INTER_LANCZOS4}
+# The fork's ResizeParameter interp_mode -> OpenCV's interpolation flag (OpenCV's own
+# numbering; cv2 itself loads on first use, as only image datasets need it).
+INTERPOLATION = {RESIZE.LINEAR: 1, RESIZE.AREA: 3, RESIZE.NEAREST: 0, RESIZE.CUBIC: 2,
+                 RESIZE.LANCZOS4: 4}
 EMIT = caffe_pb2.EmitConstraint
 
 
@@ -173,6 +173,7 @@ def _convert(image: np.ndarray, alpha: float, beta: float) -> np.ndarray:
 
 
 def _hsv_channel(image: np.ndarray, channel: int, alpha: float, beta: float) -> np.ndarray:
+    import cv2  # loaded on first use (raw records never need it)
     hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
     hsv[:, :, channel] = _convert(hsv[:, :, channel], alpha, beta)
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
@@ -402,6 +403,7 @@ class _AnnotatedSource(_DatumSource):
     def _transform(self, image, rng):
         """Resize, crop, mirror (the normalization follows on the batch): (CHW pixels,
         crop offsets, mirrored, the crop's box in the resized image)."""
+        import cv2  # loaded on first use (raw records never need it)
         p = self.transform_param
         mirror = bool(p.mirror) and bool(rng.integers(2))
         if p.HasField("resize_param"):
@@ -440,6 +442,7 @@ class _AnnotatedSource(_DatumSource):
 
 def _through_jpeg(image: np.ndarray, where: str) -> np.ndarray:
     """Encoded as JPEG and decoded again, as the fork re-encodes what it changed."""
+    import cv2  # loaded on first use (raw records never need it)
     ok, buffer = cv2.imencode(".jpg", image)
     if not ok:
         raise DataError(f"{where}: could not re-encode an augmented image as JPEG")

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import struct
 
-from .. import limits  # before cv2: it sets OpenCV's image size limit
-import cv2
+from .. import limits  # noqa: F401 - sets OpenCV's image size limit before cv2 loads
 import numpy as np
 from google.protobuf import message as pb_message
 
@@ -35,6 +34,7 @@ def decode_datum(datum: caffe_pb2.Datum, where: str, force_color: bool = False,
                  force_gray: bool = False) -> np.ndarray:
     """The record's pixels as a (C, H, W) array: uint8, or float32 for float_data."""
     if datum.encoded:
+        import cv2  # loaded on first use (raw records never need it)
         flag = (cv2.IMREAD_COLOR if force_color else
                 cv2.IMREAD_GRAYSCALE if force_gray else cv2.IMREAD_UNCHANGED)
         return decode_image_bytes(datum.data, flag, where)
@@ -59,6 +59,7 @@ def decode_image_bytes(data: bytes, flag: int, where: str) -> np.ndarray:
 
     The size in a PNG, JPEG, GIF or BMP header is checked against
     protonet.limits.max_image_pixels before OpenCV allocates the image."""
+    import cv2  # loaded on first use (raw records never need it)
     check_image_header(data, where)
     try:
         image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag) if data else None

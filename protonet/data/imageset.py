@@ -25,7 +25,6 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import cv2
 import lmdb
 import numpy as np
 from tqdm import tqdm
@@ -84,6 +83,7 @@ def read_image(path: str, height: int = 0, width: int = 0,
                is_color: bool = True, nearest: bool = False) -> np.ndarray:
     """An image file as OpenCV's (H, W[, 3]) uint8 BGR, resized when both sizes > 0
     (bilinear, or nearest-neighbour for label images, as SegNet's ReadImageToCVMat)."""
+    import cv2  # loaded on first use (raw records never need it)
     if "\0" in path:
         raise DataError(f"{path!r}: an image path cannot contain a NUL byte")
     if height > 0 and width > 0 and limits.image_problem(width, height):
@@ -111,6 +111,7 @@ def read_image(path: str, height: int = 0, width: int = 0,
 def image_to_datum(path: str, label: int, height: int, width: int, is_color: bool,
                    encoding: str) -> caffe_pb2.Datum:
     """Caffe's ReadImageToDatum: raw pixels, the file's own bytes, or re-encoded."""
+    import cv2  # loaded on first use (raw records never need it)
     image = read_image(path, height, width, is_color)
     if not encoding:
         return raw_datum(image, label)

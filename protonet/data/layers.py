@@ -32,7 +32,6 @@ import os
 import weakref
 from typing import Callable, Iterable, Sequence
 
-import cv2
 import numpy as np
 import torch
 
@@ -621,6 +620,7 @@ class _WindowSource(_Source):
             raise DataError(f"{path}: cannot read the image ({e.strerror})") from None
 
     def _image(self, index: int) -> np.ndarray:
+        import cv2  # loaded on first use (raw records never need it)
         if not 0 <= index < len(self.images):
             raise DataError(f"window refers to image {index}; the file lists "
                             f"{len(self.images)}")
@@ -650,6 +650,7 @@ class _WindowSource(_Source):
                      torch.zeros(count, dtype=torch.bool), normalized=True)
 
     def _warp(self, job) -> np.ndarray:
+        import cv2  # loaded on first use (raw records never need it)
         (index, _, x1, y1, x2, y2), mirror = job
         image = self._image(index)
         size = (self.crop, self.crop)   # (height, width) the window is warped to

@@ -12,6 +12,7 @@ as Caffe's (and autograd's).
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +76,14 @@ def _onednn_applies(flat: torch.Tensor, weight: torch.Tensor) -> bool:
         flat.dtype == weight.dtype == torch.float32 and weight.is_contiguous() and \
         flat.shape[0] > 0 and not torch.is_autocast_enabled("cpu") and \
         not torch.compiler.is_compiling() and not torch.jit.is_tracing() and \
-        not torch.jit.is_scripting() and not torch.onnx.is_in_onnx_export()
+        not torch.jit.is_scripting() and not _exporting_onnx()
+
+
+def _exporting_onnx() -> bool:
+    """torch.onnx.is_in_onnx_export(), without importing torch.onnx (some MB and
+    hundreds of modules) in a process that never exports."""
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
 
 
 class _OneDnnLinear(torch.autograd.Function):
