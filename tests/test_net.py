@@ -1020,9 +1020,9 @@ layer { name: "ip" type: "InnerProduct" bottom: "normed" top: "ip"
 
 @pytest.mark.parametrize("phase", [caffe_pb2.TRAIN, TEST])
 def test_batchnorm_scale_pairs_run_as_one_pass_with_the_same_results(phase):
-    """An in-place BatchNorm (stored statistics) + per-channel Scale is one batch-norm
-    pass; blobs and every gradient equal running the two layers one after the other.
-    (bn2 uses batch statistics in TRAIN: not paired there.)"""
+    """An in-place BatchNorm + per-channel Scale is one batch-norm pass, on stored
+    statistics and (bn2 in TRAIN) on batch statistics alike; blobs and every gradient
+    equal running the two layers one after the other."""
     net = build(BN_SCALE_NET, phase).double()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -1031,9 +1031,7 @@ def test_batchnorm_scale_pairs_run_as_one_pass_with_the_same_results(phase):
             mean.normal_(0, 1, generator=gen), var.uniform_(0.5, 2, generator=gen)
             factor.fill_(2.0)
     steps = {net.layer_names[s.layer]: i for i, s in enumerate(net.steps)}
-    expected_pairs = {steps["bn"]: steps["scale"]}
-    if phase == TEST:
-        expected_pairs[steps["bn2"]] = steps["scale2"]
+    expected_pairs = {steps["bn"]: steps["scale"], steps["bn2"]: steps["scale2"]}
     assert net.fused_scale == expected_pairs
     data = torch.randn(2, 3, 5, 5, generator=gen, dtype=torch.float64)
 
