@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .inner_product import _OneDnnLinear, _onednn_applies
+
 # Output positions (N*OH*OW) at or under which a kxk convolution is im2col + GEMM
 # throughout, and its weight gradient alone.
 IM2COL_POSITIONS = 64
@@ -66,8 +68,13 @@ def _pointwise(x, weight, bias, stride):
     if tuple(stride) != (1, 1):
         x = _Subsample.apply(x, tuple(stride))
     rows = x.permute(0, 2, 3, 1)                   # contiguous when x is NHWC and unstrided
-    y = F.linear(rows, weight.reshape(weight.shape[0], weight.shape[1]), bias)
-    return y.permute(0, 3, 1, 2)                   # NHWC memory, NCHW shape
+    weight = weight.reshape(weight.shape[0], weight.shape[1])
+    flat = rows.reshape(-1, rows.shape[-1])
+    if _onednn_applies(flat, weight):
+        y = _OneDnnLinear.apply(flat, weight, bias)
+    else:
+        y = F.linear(flat, weight, bias)
+    return y.reshape(rows.shape[:3] + (weight.shape[0],)).permute(0, 3, 1, 2)
 
 
 def _im2col(x, weight, bias, stride, pad, out):
