@@ -271,10 +271,35 @@ layer { name: "relu" type: "ReLU" bottom: "sum" top: "sum" }
     assert [(op.name, len(op.bottoms)) for op in plan.ops] == [("c", 2)]
     got, = plan(inputs).values()
     assert relative_error(got, run_plain(net, inputs)["sum"]) < 1e-6
+    assert torch.equal(inputs["data"], random_inputs(net, "cpu")["data"])  # not summed into
     # a second reader of "c" needs its value, so the sum stays its own op
     read_twice = module(shortcut + 'layer { name: "p" type: "Pooling" bottom: "c" top: "p" '
                         'pooling_param { pool: MAX kernel_size: 1 } }\n')
     assert [op.name for op in InferenceNet(read_twice).ops] == ["c", "sum", "p"]
+
+
+@pytest.mark.skipif(not speed._mkldnn_ops_available(), reason="needs oneDNN's kernels")
+@pytest.mark.parametrize("later_reader", [False, True])
+def test_a_joined_sum_overwrites_its_shortcut_only_when_nothing_reads_it_later(later_reader):
+    text = input_layer((2, 4, 9, 9)) + """
+layer { name: "s" type: "Convolution" bottom: "data" top: "s"
+  convolution_param { num_output: 4 kernel_size: 1 } }
+layer { name: "c" type: "Convolution" bottom: "data" top: "c"
+  convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
+layer { name: "sum" type: "Eltwise" bottom: "s" bottom: "c" top: "sum" }
+layer { name: "relu" type: "ReLU" bottom: "sum" top: "sum" }
+""" + ('layer { name: "late" type: "Convolution" bottom: "s" top: "late" '
+       'convolution_param { num_output: 3 kernel_size: 1 } }\n' if later_reader else "")
+    net = module(text)
+    inputs = random_inputs(net, "cpu")
+    expected = run_plain(net, inputs)
+    plan = InferenceNet(net)
+    assert [op.name for op in plan.ops][:2] == ["s", "c"]
+    for _ in range(2):              # a second call sees no leftovers of the first
+        outputs = plan(inputs)
+        assert set(outputs) == set(expected)
+        for name in expected:
+            assert relative_error(outputs[name], expected[name]) < 1e-6, name
 
 
 def test_plan_leaves_the_module_and_its_weights_alone():
