@@ -10,7 +10,7 @@ import itertools
 import os
 import weakref
 from collections import OrderedDict
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -318,6 +318,9 @@ class Net:
         self._copies: dict[tuple[int, bool], hostsync.HostCopy] = {}   # (blob, diff)
         count = len(module.blob_names)
         self._values: list[torch.Tensor | None] = [None] * count
+        # {blob id: function making its value}: tops the plan's joined ops skipped,
+        # made on first read (_value) or before anything else reads the blobs (_settle)
+        self._pending: dict[int, Callable[[], torch.Tensor]] = {}
         self._diffs: list[torch.Tensor | None] = [None] * count
         self._shown: tuple[set, set] = (set(), set())   # blobs whose data/diff views are out
         self._segments: dict[int, tuple] = {}   # layer -> (bottom leaves, tops) of a forward
@@ -508,11 +511,19 @@ class Net:
         whose views a script holds as _forward's are."""
         module = self.module
         inputs = {module.blob_names[i]: self._value(i) for i in module.input_ids}
-        values, _ = module.forward_for_inference(inputs)
+        pending: dict = {}
+        values, _ = module.forward_for_inference(inputs, pending)
         self._segments.clear()
+        self._pending.clear()
         for t, value in enumerate(values):     # inputs too: a layer may work in place
             if value is not None:              # on one, as _forward stores it
                 self._store(t, value)
+        for t, make in pending.items():        # a joined convolution's own top: made
+            if t in self._shown[0]:            # when read, unless a view of it is out
+                self._store(t, make())
+            else:
+                self._values[t] = None
+                self._pending[t] = make
         self._plan_runs += 1
 
     def _forward(self, first: int, last: int) -> None:
@@ -520,6 +531,7 @@ class Net:
         steps = self.module.steps[first:last + 1]
         need_grad = torch.is_grad_enabled() and \
             any(self.module.layer_need_backward[first:last + 1])
+        self._settle()
         made: set[int] = set()
         values = list(self._values)
         for step in steps:
@@ -713,6 +725,7 @@ class Net:
         """Show the blob values of a pass run on `self.module` directly (the solver's):
         copied into buffers whose views a script holds, taken over otherwise."""
         self._segments.clear()
+        self._pending.clear()
         if self._synced:
             self._values = list(values)
             if not any(diff for _, diff in self._copies):
@@ -739,6 +752,8 @@ class Net:
         """Reshape layers first..last for the shapes their outside bottoms (inputs,
         blobs earlier layers made) hold now. With only_if_changed, nothing happens
         unless one of those differs from the shape the net last inferred."""
+        if first > 0:           # earlier layers' tops are read as they are
+            self._settle()
         made: set[int] = set()
         outside: dict[int, tuple] = {}
         for step in self.module.steps[first:last + 1]:
@@ -754,6 +769,7 @@ class Net:
                 shape == tuple(self.module.blob_shapes[b]) for b, shape in outside.items()):
             return
         names = self.module.blob_names
+        self._settle()          # made at the shapes they were planned for
         self.module.infer_shapes({names[b]: s for b, s in outside.items()}, first, last)
         if last < len(self.module.layers) - 1:      # later layers keep their old shapes
             self._stale_from = last + 1 if self._stale_from is None else \
@@ -771,6 +787,10 @@ class Net:
     # -- blob memory ----------------------------------------------------------------
     def _value(self, blob_id: int) -> torch.Tensor:
         """The blob's data; a blob not computed yet is zeros, as Caffe allocates it."""
+        if self._pending:
+            make = self._pending.pop(blob_id, None)
+            if make is not None:
+                self._values[blob_id] = make()
         if self._values[blob_id] is None:
             self._values[blob_id] = torch.zeros(self.module.blob_shapes[blob_id],
                                                 device=self.device)
@@ -808,9 +828,17 @@ class Net:
         (self._diffs if diff else self._values)[blob_id] = tensor
         return _view(tensor)
 
+    def _settle(self) -> None:
+        """Make every blob the last planned forward left to be made on demand (before
+        a pass or a reshape reads the blob list as a whole)."""
+        for blob_id in list(self._pending):
+            self._value(blob_id)
+
     def _store(self, blob_id: int, tensor: torch.Tensor, diff: bool = False) -> None:
         """Make `tensor` the blob's data (or diff): into its memory when a view of it
         is out and the shape is unchanged, else in its place."""
+        if not diff and self._pending:
+            self._pending.pop(blob_id, None)
         store, shown = (self._diffs, self._shown[1]) if diff else (self._values, self._shown[0])
         current = store[blob_id]
         if blob_id in shown and current is not None and current.shape == tensor.shape \
@@ -824,6 +852,7 @@ class Net:
         self._changed(blob_id, diff)
 
     def _set_blob(self, blob_id: int, tensor: torch.Tensor) -> None:
+        self._pending.pop(blob_id, None)
         self._values[blob_id] = tensor.to(torch.float32)
         self._diffs[blob_id] = None
         self._shown[0].discard(blob_id)

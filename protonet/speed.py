@@ -127,7 +127,8 @@ class InferenceNet:
     """A frozen inference plan of a NetModule; call it with {input name: tensor}."""
 
     def __init__(self, module, precision: str = "fp32", channels_last: bool | None = None,
-                 compile: bool = False, fold: bool = True, keep_blobs: bool = False):
+                 compile: bool = False, fold: bool = True, keep_blobs: bool = False,
+                 deferrable: bool = False):
         if keep_blobs and (precision != "fp32" or compile):
             raise ProtonetError("an inference plan that keeps every blob runs fp32, eagerly")
         self.module = module
@@ -144,9 +145,13 @@ class InferenceNet:
         with torch.no_grad():
             # Inductor packs weights itself (and cannot trace oneDNN's packed tensors).
             planner = _Planner(module, self.dtype, fold, device, pack=not compile,
-                               channels_last=self.channels_last, exact_blobs=keep_blobs)
+                               channels_last=self.channels_last, exact_blobs=keep_blobs,
+                               deferrable=deferrable)
             self.ops = planner.plan()
         self.output_blobs = [planner.resolve(i) for i in self.output_ids]
+        # {blob: (op making it alone, its bottom)}: blobs a joined op skips
+        self.deferred = {blob: (run, planner.resolve(bottom))
+                         for blob, (run, bottom) in planner.deferred.items()}
         self.aliases = sorted(planner.alias.items())     # Split tops: views of a blob
         self._versions = _param_versions(module)
         self.folded = sum(1 for s in module.steps if not s.is_input) - len(self.ops)
@@ -172,17 +177,28 @@ class InferenceNet:
         it folded and packed their values then, so it must be made again."""
         return _param_versions(self.module) != self._versions
 
-    def forward_blobs(self, inputs: Mapping[str, torch.Tensor]) -> tuple[list, torch.Tensor | None]:
+    def forward_blobs(self, inputs: Mapping[str, torch.Tensor],
+                      pending: dict | None = None) -> tuple[list, torch.Tensor | None]:
         """NetModule.forward's result — every blob's value by id, and the weighted loss —
         from a plan made with keep_blobs=True: it folds and fuses only chains of layers
         in place on one blob (conv -> BatchNorm -> Scale -> ReLU, Eltwise SUM -> ReLU),
         whose intermediate values Caffe's own forward overwrites too, so each blob holds
-        what Caffe's forward leaves in it. Runs under no_grad (its tensors stay usable
-        for later autograd-free edits), not inference_mode."""
+        what Caffe's forward leaves in it. A plan made `deferrable` also joins a
+        shortcut sum into the convolution before it (see _Planner._sum_joining); the
+        convolution's own top is then made on demand: `pending` gets {blob id: a
+        function returning its value} (without `pending`, it is made here). Runs under
+        no_grad (its tensors stay usable for later autograd-free edits), not
+        inference_mode."""
         if not self.keep_blobs:
             raise ProtonetError("forward_blobs needs a plan made with keep_blobs=True")
         with torch.no_grad():
             values = self._values(dict(inputs))
+            for blob, (run, bottom) in self.deferred.items():
+                make = _deferred(run, values[bottom])
+                if pending is None:
+                    values[blob] = make()
+                else:
+                    pending[blob] = make
         for top, source in self.aliases:
             if values[top] is None:
                 values[top] = values[source]
@@ -222,6 +238,13 @@ class InferenceNet:
         return values
 
 
+def _deferred(run: Callable, bottom: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def make() -> torch.Tensor:
+        with torch.no_grad():
+            return run(bottom)
+    return make
+
+
 def _param_versions(module) -> list:
     return [(id(p), p._version) for layer in module.layers for p in layer.blobs]
 
@@ -237,9 +260,12 @@ class _Planner:
     """Walks the module's steps once, folding, fusing and packing as it goes."""
 
     def __init__(self, module, dtype: torch.dtype, fold: bool, device: torch.device,
-                 pack: bool = True, channels_last: bool = False, exact_blobs: bool = False):
+                 pack: bool = True, channels_last: bool = False, exact_blobs: bool = False,
+                 deferrable: bool = False):
         self.module = module
-        self.exact = exact_blobs        # fuse only steps in place on one blob
+        self.exact = exact_blobs        # fuse only steps in place on one blob...
+        self.deferrable = deferrable    # ...or join sums, their skipped tops deferred
+        self.deferred: dict[int, tuple[Callable, int]] = {}
         self.steps = [s for s in module.steps if not s.is_input]
         self.dtype = dtype
         self.low = dtype != torch.float32
@@ -284,7 +310,10 @@ class _Planner:
                 other, sum_step, into = joined
                 relu = self._is_relu_on(sum_step + 1, self.steps[sum_step].tops)
                 run = self._weighted(layer, step.bottoms[0], affine, relu,
-                                     add="into" if into else "new")
+                                     add="into" if into and not self.exact else "new")
+                if run is not None and self.exact:
+                    self.deferred[tops[0]] = (self._weighted(layer, step.bottoms[0], affine,
+                                                             False), step.bottoms[0])
                 if run is not None:
                     return _Op(run, (step.bottoms[0], other),
                                self.steps[sum_step + relu].tops, name, "Convolution"), \
@@ -321,7 +350,7 @@ class _Planner:
         intermediate is gone). Writing the sum into the other bottom's memory, where no
         later step nor the caller reads it, saves a fresh output (~1/3 of the time of a
         ResNet 1x1 join on 2 cores: the new memory is cold)."""
-        if self.exact or not self.pack or i >= len(self.steps):
+        if (self.exact and not self.deferrable) or not self.pack or i >= len(self.steps):
             return None
         step = self.steps[i]
         layer = self.module.layers[step.layer]

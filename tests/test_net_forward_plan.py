@@ -258,3 +258,56 @@ def test_what_the_plan_cannot_reproduce_runs_layer_by_layer(case, tmp_path, monk
     else:
         assert net._plan_runs == 0
         assert getattr(net.module, "_blob_plan", None) is None
+
+
+# A ResNet join: conv -> BatchNorm -> Scale (in place) summed with a shortcut, then ReLU.
+JOIN_NET = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 4 dim: 7 dim: 7 } } }
+layer { name: "short" type: "Convolution" bottom: "data" top: "short"
+        convolution_param { num_output: 6 kernel_size: 1 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "c" type: "Convolution" bottom: "data" top: "c"
+        convolution_param { num_output: 6 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "bn" type: "BatchNorm" bottom: "c" top: "c" batch_norm_param { use_global_stats: true } }
+layer { name: "sc" type: "Scale" bottom: "c" top: "c"
+        scale_param { bias_term: true filler { type: "uniform" min: 0.5 max: 2 } } }
+layer { name: "sum" type: "Eltwise" bottom: "short" bottom: "c" top: "sum" }
+layer { name: "relu" type: "ReLU" bottom: "sum" top: "sum" }
+layer { name: "pool" type: "Pooling" bottom: "sum" top: "pool" pooling_param { pool: AVE global_pooling: true } }
+"""
+
+
+def _join_net():
+    net = make_net(JOIN_NET, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        mean, var, factor = net.module.layers[net.module.layer_names.index("bn")].blobs
+        mean.normal_(0, 1, generator=gen), var.uniform_(0.5, 2, generator=gen)
+        factor.fill_(1.0)
+    return net
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_a_joined_convolutions_own_top_is_made_when_a_script_reads_it():
+    net = _join_net()
+    twin = _join_net()
+    twin.after_forward(lambda index: None)             # the exact, layer-by-layer path
+    twin.forward()
+    want = {name: blob.data.copy() for name, blob in twin.blobs.items()}
+    for _ in range(3):
+        net.forward()
+    assert net._plan_runs == 2
+    c = net.module.blob_index["c"]
+    assert list(net._pending) == [c] and net._values[c] is None   # not made yet
+    assert_blobs_match(net, want)                    # reading "c" makes it
+    assert not net._pending
+    held = net.blobs["c"].data                       # a held view is filled at once
+    net.blobs["data"].data[...] *= -1
+    net.forward()
+    assert net._plan_runs == 3 and not net._pending
+    twin.blobs["data"].data[...] = net.blobs["data"].data
+    twin.forward()
+    np.testing.assert_allclose(held, twin.blobs["c"].data, rtol=1e-5, atol=1e-6)
+    net.forward()                                    # and a partial forward reads it
+    net.forward(start="sum")
+    np.testing.assert_allclose(net.blobs["pool"].data, twin.blobs["pool"].data,
+                               rtol=1e-5, atol=1e-6)

@@ -508,21 +508,28 @@ class NetModule(nn.Module):
         return InferenceNet(self, precision=precision, channels_last=channels_last,
                             compile=compile)
 
-    def forward_for_inference(self, inputs: Mapping[str, torch.Tensor] | None = None):
+    def forward_for_inference(self, inputs: Mapping[str, torch.Tensor] | None = None,
+                              pending: dict | None = None):
         """forward(inputs) without autograd, by a cached inference plan that keeps every
         blob (speed.InferenceNet.forward_blobs): the same (blob values by id, loss),
         each blob as Caffe's forward leaves it, faster (folded BatchNorm/Scale, packed
-        weights, fused ReLU). The plan is made again when a param changed in place
-        since, or the layout or device did. For pycaffe's Net.forward over the whole
-        net when no backward will follow."""
+        weights, fused ReLU). With a `pending` dict, the plan may also join shortcut
+        sums into convolutions and leave the convolutions' tops to be made on demand:
+        their values are None and `pending` gets {blob id: function making it}. The
+        plan is made again when a param changed in place since, or the layout or
+        device did. For pycaffe's Net.forward over the whole net when no backward
+        will follow."""
         from ..speed import InferenceNet
         device = next((p.device for p in self.parameters()), torch.device("cpu"))
-        key = (self.channels_last, device, tuple(self.blob_shapes[i] for i in self.input_ids))
+        deferrable = pending is not None
+        key = (self.channels_last, device, tuple(self.blob_shapes[i] for i in self.input_ids),
+               deferrable)
         plan = getattr(self, "_blob_plan", None)
         if plan is None or self._blob_plan_key != key or plan.stale():
-            plan = InferenceNet(self, channels_last=self.channels_last, keep_blobs=True)
+            plan = InferenceNet(self, channels_last=self.channels_last, keep_blobs=True,
+                                deferrable=deferrable)
             self._blob_plan, self._blob_plan_key = plan, key
-        return plan.forward_blobs(inputs or {})
+        return plan.forward_blobs(inputs or {}, pending)
 
     def drop_inference_plan(self) -> None:
         """Forget forward_for_inference's cached plan (and the weights it holds): for
