@@ -311,3 +311,36 @@ def test_a_joined_convolutions_own_top_is_made_when_a_script_reads_it():
     net.forward(start="sum")
     np.testing.assert_allclose(net.blobs["pool"].data, twin.blobs["pool"].data,
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_protonet_test_scores_a_joined_net_as_the_layer_by_layer_forward(tmp_path, capsys):
+    """`protonet test` reads only the outputs, so its plan joins the shortcut sum and
+    never makes the joined convolution's own top; the scores stay the exact path's."""
+    from protonet.cli import main as cli_main
+    text = JOIN_NET.replace(
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 4 '
+        'dim: 7 dim: 7 } } }',
+        'layer { name: "data" type: "DummyData" top: "data" dummy_data_param { shape { '
+        'dim: 2 dim: 4 dim: 7 dim: 7 } data_filler { type: "constant" value: 0.7 } } }')
+    assert text != JOIN_NET
+    path, weights = tmp_path / "net.prototxt", str(tmp_path / "w.caffemodel")
+    path.write_text(text)
+    net = protonet.Net(str(path), protonet.TEST)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in net.module.layers:
+            for blob in layer.blobs:
+                blob.uniform_(0.1, 1.5, generator=gen)
+    net.save(weights)
+    exact_scores = net.forward()["pool"].ravel().copy()     # the first: layer by layer
+    assert net._plan_runs == 0
+    values, _ = net.module.forward_for_inference(pending=(pending := {}))
+    assert list(pending) == [net.module.blob_index["c"]]
+    assert values[net.module.blob_index["c"]] is None
+    capsys.readouterr()
+    assert cli_main(["test", "--model", str(path), "--weights", weights,
+                     "--iterations", "1"]) == 0
+    scores = [float(line.rsplit("= ", 1)[1]) for line in capsys.readouterr().err.splitlines()
+              if "Batch 0, pool = " in line]
+    np.testing.assert_allclose(scores, exact_scores, rtol=1e-5, atol=1e-6)
