@@ -14,6 +14,7 @@ import protonet
 from protonet.proto import caffe_pb2
 from protonet.pycaffe import PLAN_PAYS_AFTER, Net
 from test_inference_blobs import LOSS_NET
+from test_pycaffe_semantics import TINY_TRAIN_NET
 from test_speed_paths import CONV_BN_NET, module
 
 TEXT = CONV_BN_NET       # conv/BatchNorm/Scale/ReLU, Eltwise, pooling, inner products
@@ -149,14 +150,7 @@ def test_copy_from_and_share_with_reach_the_plan(tmp_path):
 
 def test_a_solver_step_reaches_a_deploy_net_sharing_its_weights(tmp_path):
     train = tmp_path / "train.prototxt"
-    train.write_text("""
-layer { name: "data" type: "DummyData" top: "data" top: "label"
-  dummy_data_param { shape { dim: 4 dim: 3 } shape { dim: 4 }
-    data_filler { type: "gaussian" } data_filler { type: "constant" } } }
-layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
-  inner_product_param { num_output: 2 weight_filler { type: "gaussian" } } }
-layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
-""")
+    train.write_text(TINY_TRAIN_NET)
     deploy = tmp_path / "deploy.prototxt"
     deploy.write_text("""
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 } } }

@@ -115,16 +115,20 @@ def test_reshape_may_reallocate(net_file):
     assert net.blobs["ip"].diff.shape == (5, 5)
 
 
-def test_solver_net_views_stay_valid_across_steps(tmp_path):
-    net = tmp_path / "net.prototxt"
-    net.write_text("""
+# A 4x3 -> 2 classifier on DummyData with a loss: a solver's smallest train net.
+TINY_TRAIN_NET = """
 layer { name: "data" type: "DummyData" top: "data" top: "label"
   dummy_data_param { shape { dim: 4 dim: 3 } shape { dim: 4 }
     data_filler { type: "gaussian" } data_filler { type: "constant" } } }
 layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
   inner_product_param { num_output: 2 weight_filler { type: "gaussian" } } }
 layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
-""")
+"""
+
+
+def test_solver_net_views_stay_valid_across_steps(tmp_path):
+    net = tmp_path / "net.prototxt"
+    net.write_text(TINY_TRAIN_NET)
     solver_file = tmp_path / "solver.prototxt"
     solver_file.write_text(f'net: "{net}" base_lr: 0.1 lr_policy: "fixed" max_iter: 5 '
                            'display: 0 snapshot_after_train: false')
