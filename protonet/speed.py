@@ -304,7 +304,7 @@ class _Planner:
             affine, used = self._affine_at(i + 1, step.tops, after=True) if \
                 layer.type == "Convolution" and layer.axis == 1 else (None, 0)
             tops = self.steps[i + used].tops
-            joined = self._sum_joining(i + 1 + used, tops[0]) if \
+            joined = self._sum_joining(i + 1 + used, tops[0], step.bottoms[0]) if \
                 layer.type == "Convolution" else None
             if joined is not None:
                 other, sum_step, into = joined
@@ -342,14 +342,15 @@ class _Planner:
             layer.operation == caffe_pb2.EltwiseParameter.SUM and \
             all(c == 1 for c in layer.coeffs)
 
-    def _sum_joining(self, i: int, blob: int) -> tuple[int, int, bool] | None:
+    def _sum_joining(self, i: int, blob: int, source: int) -> tuple[int, int, bool] | None:
         """(the other bottom, step index, whether the sum may overwrite it) when step i
         is a plain two-bottom Eltwise SUM reading `blob` and nothing else reads `blob`
-        nor is it a net output: a convolution making `blob` can add the other bottom in
-        its own kernel (ResNet's shortcut joins). Only where blobs need not be kept (the
-        intermediate is gone). Writing the sum into the other bottom's memory, where no
-        later step nor the caller reads it, saves a fresh output (~1/3 of the time of a
-        ResNet 1x1 join on 2 cores: the new memory is cold)."""
+        nor is it a net output: the convolution making `blob` from `source` can add the
+        other bottom in its own kernel (ResNet's shortcut joins). Only where blobs need
+        not be kept, or (deferrable) where `blob` can be made later on demand. Writing
+        the sum into the other bottom's memory, where no later step nor the caller
+        reads it and the convolution does not read it either, saves a fresh output
+        (~1/3 of the time of a ResNet 1x1 join on 2 cores: the new memory is cold)."""
         if (self.exact and not self.deferrable) or not self.pack or i >= len(self.steps):
             return None
         step = self.steps[i]
@@ -363,7 +364,10 @@ class _Planner:
         other = step.bottoms[1] if step.bottoms[0] == blob else step.bottoms[0]
         if self.module.blob_shapes[other] != self.module.blob_shapes[blob]:
             return None
-        return other, i, self._free_after(i, other)
+        roots = self._split_roots()
+        into = roots.get(other, other) != roots.get(source, source) and \
+            self._free_after(i, other)
+        return other, i, into
 
     def _free_after(self, i: int, blob: int) -> bool:
         """Nothing reads `blob`'s memory after step i: no later step reads it or a Split

@@ -279,6 +279,23 @@ layer { name: "relu" type: "ReLU" bottom: "sum" top: "sum" }
 
 
 @pytest.mark.skipif(not speed._mkldnn_ops_available(), reason="needs oneDNN's kernels")
+def test_a_joined_sum_never_writes_into_what_its_convolution_reads():
+    text = input_layer((2, 4, 9, 9)) + """
+layer { name: "y" type: "Convolution" bottom: "data" top: "y"
+  convolution_param { num_output: 8 kernel_size: 1 } }
+layer { name: "c" type: "Convolution" bottom: "y" top: "c"
+  convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
+layer { name: "sum" type: "Eltwise" bottom: "y" bottom: "c" top: "sum" }
+"""
+    net = module(text)
+    inputs = random_inputs(net, "cpu")
+    expected = run_plain(net, inputs)["sum"]
+    plan = InferenceNet(net)
+    assert [op.name for op in plan.ops] == ["y", "c"]
+    assert relative_error(plan(inputs)["sum"], expected) < 1e-6
+
+
+@pytest.mark.skipif(not speed._mkldnn_ops_available(), reason="needs oneDNN's kernels")
 @pytest.mark.parametrize("later_reader", [False, True])
 def test_a_joined_sum_overwrites_its_shortcut_only_when_nothing_reads_it_later(later_reader):
     text = input_layer((2, 4, 9, 9)) + """
