@@ -312,8 +312,7 @@ class _Planner:
                 run = self._weighted(layer, step.bottoms[0], affine, relu,
                                      add="into" if into and not self.exact else "new")
                 if run is not None and self.exact:
-                    self.deferred[tops[0]] = (self._weighted(layer, step.bottoms[0], affine,
-                                                             False), step.bottoms[0])
+                    self.deferred[tops[0]] = (run.alone, step.bottoms[0])
                 if run is not None:
                     return _Op(run, (step.bottoms[0], other),
                                self.steps[sum_step + relu].tops, name, "Convolution"), \
@@ -531,7 +530,9 @@ def _conv2d(layer, weight, bias, relu: bool, dtype, pack: bool, shape,
     layout oneDNN wants (not on every call) and ReLU fused into the same kernel.
     `add`: run(x, other) adds `other` to the output in the kernel too (oneDNN's binary
     post-op, before the ReLU: one pass over the sum instead of three), into `other`'s
-    own memory for "into"; None without packed fp32 weights."""
+    own memory for "into"; None without packed fp32 weights. The "new" run carries
+    `.alone`: the convolution by itself (no sum, no ReLU) on the same packed weight,
+    to make its own top on demand."""
     g = layer.geometry
     pad, stride, dilation = list(g.pad), list(g.stride), list(g.dilation)
     # A 1-channel bottom (LeNet's data) reads as NCHW, and so would the top.
@@ -554,10 +555,16 @@ def _conv2d(layer, weight, bias, relu: bool, dtype, pack: bool, shape,
                                  layer.group, "add", 1.0, unary, [], "")
             return run_add
         join = torch.ops.mkldnn._convolution_pointwise.binary
+        convolve = torch.ops.mkldnn._convolution_pointwise
 
         def run_add(x, other):
             return _layout(join(x.to(dtype), _layout(other.to(dtype)), packed, bias, pad,
                                 stride, dilation, layer.group, "add", 1.0, unary, [], ""))
+
+        def alone(x):
+            return _layout(convolve(x.to(dtype), packed, bias, pad, stride, dilation,
+                                    layer.group, "none", [], ""))
+        run_add.alone = alone
         return run_add
     if pack:
         attr = "relu" if relu else "none"

@@ -19,6 +19,7 @@ from ..limits import shape_problem
 from ..proto import caffe_pb2
 from .atomic import atomic_call
 from .binary import write_binary
+from .forks import _encode_varint
 from .hdf5 import creating, read_array, reading
 
 log = logging.getLogger("protonet")
@@ -98,13 +99,7 @@ def _packed_floats(field: int, values: np.ndarray) -> bytes:
     Merging these fills the field natively: extending it from a Python list would
     make a 32-byte float object per value (1.5 GB for AlexNet's 61M params)."""
     raw = values.astype("<f4", copy=False).tobytes()
-    header = bytearray([field << 3 | 2])
-    length = len(raw)
-    while length > 0x7F:
-        header.append(length & 0x7F | 0x80)
-        length >>= 7
-    header.append(length)
-    return bytes(header) + raw
+    return _encode_varint(field << 3 | 2) + _encode_varint(len(raw)) + raw
 
 
 def _numpy(value) -> np.ndarray:
