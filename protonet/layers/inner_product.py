@@ -99,10 +99,26 @@ class _OneDnnLinear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        grad_x = grad.mm(weight) if ctx.needs_input_grad[0] else None
+        grad_x = _bottom_grad(grad, weight) if ctx.needs_input_grad[0] else None
         grad_weight = grad.t().mm(x) if ctx.needs_input_grad[1] else None
         grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias
+
+
+def _bottom_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """grad @ weight, by oneDNN where that pays. MKL's sgemm takes a product with a few
+    rows about as long as that many matrix-vector products (AlexNet's fc6 backward, 10
+    rows: 24 ms against oneDNN's 8.6 ms; ResNet-50's 1x1 convolutions 16% slower, on two
+    Zen 4 cores). One row, or a product too small to amortise oneDNN's ~15 us call,
+    stays MKL's."""
+    if grad.shape[0] >= 2 and grad.shape[0] * weight.numel() >= ONEDNN_BOTTOM_GRAD_WORK:
+        return torch.ops.mkldnn._linear_pointwise(grad.contiguous(), weight.t(), None,
+                                                  "none", [], "")
+    return grad.mm(weight)
+
+
+# Multiply-adds (rows x weight elements) from which grad @ weight is oneDNN's.
+ONEDNN_BOTTOM_GRAD_WORK = 1 << 18
 
 
 @register("Embed")

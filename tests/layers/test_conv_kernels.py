@@ -173,3 +173,30 @@ def test_bottom_gradient_stays_channels_last(k, stride, pad, size):
     assert grad_x.is_contiguous(memory_format=CL) and not grad_x.is_contiguous()
     expected, = torch.autograd.grad(F.conv2d(x, w, b, stride, pad), x, torch.ones_like(y))
     torch.testing.assert_close(grad_x, expected)
+
+
+@pytest.mark.parametrize("rows,kernel", [(1, "mkl"), (2, "onednn"), (10, "onednn")])
+def test_linear_bottom_gradient_kernel_and_values(rows, kernel):
+    """InnerProduct's and a 1x1 or im2col convolution's bottom gradient, grad @ weight:
+    a single row is MKL's product, several are oneDNN's (MKL's takes a few rows about
+    as long as that many matrix-vector products); both equal the float64 product to
+    float32 rounding, and the weight and bias gradients are unchanged."""
+    from protonet.layers import inner_product
+    if not inner_product._ONEDNN_LINEAR:
+        pytest.skip("this torch build has no oneDNN linear")
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 512, generator=gen).requires_grad_()
+    w = torch.randn(256, 512, generator=gen).requires_grad_()
+    b = torch.randn(256, generator=gen).requires_grad_()
+    dy = torch.randn(rows, 256, generator=gen)
+    grad_x, grad_w, grad_b = torch.autograd.grad(
+        inner_product._OneDnnLinear.apply(x, w, b), [x, w, b], dy)
+    exact = dy.double() @ w.detach().double()
+    torch.testing.assert_close(grad_x.double(), exact, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad_w.double(), dy.double().t() @ x.detach().double(),
+                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad_b, dy.sum(0))
+    by = {"mkl": dy.mm(w.detach()),
+          "onednn": torch.ops.mkldnn._linear_pointwise(dy, w.detach().t(), None, "none",
+                                                       [], "")}
+    assert torch.equal(grad_x, by[kernel])
