@@ -153,7 +153,11 @@ class InferenceNet:
         self.deferred = {blob: (run, planner.resolve(bottom))
                          for blob, (run, bottom) in planner.deferred.items()}
         self.aliases = sorted(planner.alias.items())     # Split tops: views of a blob
-        self._versions = _param_versions(module)
+        # Each layer's own dict of params (what blobs[i] = p replaces), read without
+        # nn.Module's attribute and ParameterList's index machinery: stale() runs on
+        # every Net.forward (ResNet-50: 0.82 ms a call that way, 0.05 ms this way).
+        self._param_dicts = [layer.blobs._parameters for layer in module.layers]
+        self._versions = _param_versions(self._param_dicts)
         self.folded = sum(1 for s in module.steps if not s.is_input) - len(self.ops)
         self._compiled = _compile(self._run) if compile else None
 
@@ -175,7 +179,7 @@ class InferenceNet:
     def stale(self) -> bool:
         """Whether a param was changed in place (or replaced) since the plan was made:
         it folded and packed their values then, so it must be made again."""
-        return _param_versions(self.module) != self._versions
+        return _param_versions(self._param_dicts) != self._versions
 
     def forward_blobs(self, inputs: Mapping[str, torch.Tensor],
                       pending: dict | None = None) -> tuple[list, torch.Tensor | None]:
@@ -245,8 +249,8 @@ def _deferred(run: Callable, bottom: torch.Tensor) -> Callable[[], torch.Tensor]
     return make
 
 
-def _param_versions(module) -> list:
-    return [(id(p), p._version) for layer in module.layers for p in layer.blobs]
+def _param_versions(param_dicts) -> list:
+    return [(id(p), p._version) for params in param_dicts for p in params.values()]
 
 
 def _as_output(tensor):

@@ -67,6 +67,12 @@ def test_the_plan_follows_changed_weights_and_shapes():
     assert net._blob_plan is not first
     prob = net.blob_index["prob"]
     assert relative_error(got[prob], exact(net, inputs)[0][prob]) < 1e-5
+    second = net._blob_plan                           # a param replaced, as weight
+    conv2 = net.layers[net.layer_names.index("conv2")]    # sharing and pycaffe do
+    conv2.blobs[0] = torch.nn.Parameter(conv2.blobs[0].detach() * -1)
+    got, _ = net.forward_for_inference(inputs)
+    assert net._blob_plan is not second
+    assert relative_error(got[prob], exact(net, inputs)[0][prob]) < 1e-5
     net.infer_shapes({"data": (4, 3, 17, 15)})
     bigger = random_inputs(net, "cpu")
     got, _ = net.forward_for_inference(bigger)
