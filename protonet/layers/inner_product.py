@@ -106,6 +106,10 @@ class _OneDnnLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
+# Multiply-adds (rows x weight elements) from which grad @ weight is oneDNN's.
+ONEDNN_BOTTOM_GRAD_WORK = 1 << 18
+
+
 def _bottom_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """grad @ weight, by oneDNN where that pays. MKL's sgemm takes a product with a few
     rows about as long as that many matrix-vector products (AlexNet's fc6 backward, 10
@@ -116,10 +120,6 @@ def _bottom_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(grad.contiguous(), weight.t(), None,
                                                   "none", [], "")
     return grad.mm(weight)
-
-
-# Multiply-adds (rows x weight elements) from which grad @ weight is oneDNN's.
-ONEDNN_BOTTOM_GRAD_WORK = 1 << 18
 
 
 @register("Embed")
