@@ -43,10 +43,9 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda,
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device')
 print('protobuf', google.protobuf.__version__, 'lmdb', lmdb.version(), 'h5py', h5py.__version__,
       'opencv', cv2.__version__)"
-step tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_pycaffe_gpu.py \
-    tests/test_precision_training.py tests/layers/test_loss.py \
-    tests/layers/test_fork_layers.py tests/layers/test_fork_segmentation.py \
-    tests/layers/test_detection_layers.py
+# Every test file with a CUDA branch (found, not listed, so new ones are included).
+mapfile -t cuda_tests < <(grep -l cuda tests/test_*.py tests/layers/test_*.py)
+step tests 150 python3 -m pytest -q -p no:cacheprovider "${cuda_tests[@]}"
 for precision in fp32 bf16 fp16; do
     step "train_data_$precision" 80 python3 bench/bench_train_data.py "${gpu[@]}" \
         --nets "$nets" --batch "$batch" --iterations "$iterations" --records 256 \
